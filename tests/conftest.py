@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random llama in Hugging Face layout, and Hydra hygiene."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tqpipe  # noqa: F401  (preloads the fast BLAS before mlx is imported)
+
+import mlx.core as mx
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from mlx.utils import tree_flatten
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_LLAMA = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 300,
+    "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True,
+    "bos_token_id": 256, "eos_token_id": 257,
+}
+
+
+def write_byte_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer with no merges (every byte a token) plus two specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "model_max_length": 512,
+    }))
+
+
+def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(TINY_LLAMA))
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps(TINY_LLAMA))
+    write_byte_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path) -> Path:
+    return write_tiny_llama(tmp_path / "tiny_llama")
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()

@@ -1,0 +1,74 @@
+"""The ``tqpipe`` command: Hydra composes the config, then a plain function builds it.
+
+    tqpipe                                   # the default recipe, all stages
+    tqpipe recipe=smollm2_135m_tq3a_tq2e_g32 stages=[validate,publish]
+    tqpipe force=[pack]                      # rebuild pack (and what follows) even if unchanged
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from tqpipe.recipe import Recipe, RecipeError
+from tqpipe.sources.files import SourceError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("tqpipe")
+
+
+def run(recipe: Recipe, *, outputs: Path, stages: list[str], force: list[str]) -> dict[str, Any]:
+    """Build the stages and return the summary the CLI prints."""
+    from tqpipe.engine import build
+
+    results = build(recipe, outputs=outputs, stages=stages, force=force)
+    summary: dict[str, Any] = {"recipe": recipe.name, "folder": str(outputs / recipe.name)}
+    for r in results:
+        summary[r.stage] = r.status
+        if r.stage == "validate":
+            summary["quality"] = r.manifest["summary"]
+    return summary
+
+
+def format_summary(summary: dict[str, Any], outputs: Path) -> str:
+    lines = [f"tqpipe: {summary['recipe']} -> {summary['folder']}"]
+    lines.append("  stages: " + ", ".join(f"{k} {v}" for k, v in summary.items() if v in ("built", "skipped")))
+    val = outputs / summary["recipe"] / "validate" / "validate.json"
+    if val.exists():
+        import json
+
+        v = json.loads(val.read_text())
+        q, s = v["quality"], v["size"]
+        lines.append(
+            f"  size {s['disk_gb']:.3f} GB, {s['bits_per_weight_quantized']:.3f} bits/weight (quantized layers), "
+            f"{s['bits_per_weight_model']:.3f} bits/parameter (whole model)"
+        )
+        lines.append(
+            f"  PPL {q['ppl_quant']:.3f} (base {q['ppl_base']:.3f}), KLD {q['kld_mean']:.4f} ± {q['kld_stderr']:.4f} "
+            f"nats/token, top-1 {100 * q['top1_agreement']:.1f}% over {q['tokens_scored']} tokens"
+        )
+    card = outputs / summary["recipe"] / "publish" / "README.md"
+    if card.exists():
+        lines.append(f"  model + card: {card.parent}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        recipe = Recipe.from_config(OmegaConf.to_container(cfg.recipe, resolve=True))
+        outputs = Path(cfg.outputs)
+        summary = run(recipe, outputs=outputs, stages=list(cfg.stages), force=list(cfg.force))
+    except (RecipeError, SourceError) as e:
+        log.error("%s", e)
+        sys.exit(2)
+    print(format_summary(summary, outputs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation pieces used by the validate stage: texts and statistics."""

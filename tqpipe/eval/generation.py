@@ -1,0 +1,27 @@
+"""Greedy generation with speed and memory figures, through mlx-lm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import stream_generate
+
+
+def greedy(model: nn.Module, tokenizer: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """Continue a raw ``prompt`` greedily; report text, prompt and decode tokens/s, peak memory."""
+    mx.reset_peak_memory()
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        text += last.text
+    if last is None:
+        return {"text": "", "tokens": 0}
+    return {
+        "prompt": prompt,
+        "text": text,
+        "tokens": last.generation_tokens,
+        "prompt_tokens_per_s": last.prompt_tps,
+        "decode_tokens_per_s": last.generation_tps,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }

@@ -1,0 +1,82 @@
+"""Stage manifests: what a finished stage was built from and what it wrote.
+
+A stage's *key* hashes its own recipe section, the digests of the stages it
+read, and the tqpipe format version. A folder whose ``manifest.json`` carries
+the same key is up to date and is skipped. The manifest is written last, into
+a temporary folder that is renamed into place, so a folder with a manifest is
+always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+_PACKAGES = ("tqpipe", "mlx", "mlx-lm", "numpy", "safetensors", "huggingface_hub", "gguf")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_manifest(
+    folder: Path, *, stage: str, key: str, config: Any, inputs: dict[str, str],
+    summary: dict[str, Any], started: float,
+) -> dict[str, Any]:
+    outputs = file_hashes(folder)
+    manifest = {
+        "stage": stage,
+        "key": key,
+        "digest": sha256_json(outputs),
+        "config": config,
+        "inputs": inputs,
+        "outputs": outputs,
+        "versions": package_versions(),
+        "seconds": round(time.time() - started, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "summary": summary,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest

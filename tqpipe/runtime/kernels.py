@@ -1,0 +1,42 @@
+"""Codebook kernels. The reference path is plain MLX ops: correct on every device.
+
+Faster per-backend paths (native CPU, Metal) will live beside it and be checked
+against ``dequantize`` in the tests.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+
+def unpack_indices(packed: mx.array, bits: int, n: int) -> mx.array:
+    """``[..., words]`` uint32 -> ``[..., n]`` uint32 indices (layout of ``quant.packing``)."""
+    pos = np.arange(n, dtype=np.int64) * bits
+    word, off = pos // 32, pos % 32
+    lo = mx.take(packed, mx.array(word.astype(np.int32)), axis=-1) >> mx.array(off.astype(np.uint32))
+    spill = off + bits > 32
+    if spill.any():
+        nxt = np.minimum(word + 1, packed.shape[-1] - 1).astype(np.int32)
+        hi_shift = np.where(spill, 32 - off, 0).astype(np.uint32)
+        hi = mx.take(packed, mx.array(nxt), axis=-1) << mx.array(hi_shift)
+        lo = lo | mx.where(mx.array(spill), hi, mx.zeros_like(hi))
+    return lo & ((1 << bits) - 1)
+
+
+def dequantize(
+    packed: mx.array, scales: mx.array, levels: mx.array, *, bits: int, group_size: int, n: int
+) -> mx.array:
+    """Rotated-basis float32 weight ``[out, n]`` = ``scales ⊗ levels[indices]``."""
+    idx = unpack_indices(packed, bits, n)
+    vals = levels[idx].reshape(*idx.shape[:-1], n // group_size, group_size)
+    return (vals * scales.astype(mx.float32)[..., None]).reshape(*idx.shape)
+
+
+def codebook_matmul_ref(
+    x_rot: mx.array, packed: mx.array, scales: mx.array, levels: mx.array,
+    *, bits: int, group_size: int,
+) -> mx.array:
+    """``x_rot @ Ŵᵀ`` by dequantizing then multiplying (reference path)."""
+    w = dequantize(packed, scales, levels, bits=bits, group_size=group_size, n=x_rot.shape[-1])
+    return x_rot @ w.astype(x_rot.dtype).T

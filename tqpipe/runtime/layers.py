@@ -1,0 +1,72 @@
+"""Quantized layers that drop into mlx-lm models in place of ``nn.Linear``."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from tqpipe.quant.packing import packed_words
+from tqpipe.quant.rotation import rotate
+from tqpipe.runtime.kernels import codebook_matmul_ref, dequantize
+
+
+class TQLinear(nn.Module):
+    """``y = Ŵ' (R x) + b`` with ``Ŵ'`` a codebook-quantized, rotated weight.
+
+    Parameters (as stored in the safetensors): ``weight`` uint32 packed indices
+    ``[out, words]``, ``scales`` float16 ``[out, in/g]``, ``signs`` int8 ``[in]``
+    and an optional ``bias``. The codebook levels come from config.json.
+    """
+
+    def __init__(
+        self, input_dims: int, output_dims: int, *, bits: int, group_size: int, block: int,
+        levels: list[float], bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(levels) != 1 << bits:
+            raise ValueError(f"a {bits}-bit codebook needs {1 << bits} levels, got {len(levels)}")
+        self.input_dims, self.output_dims = input_dims, output_dims
+        self.bits, self.group_size, self.block = bits, group_size, block
+        self.weight = mx.zeros((output_dims, packed_words(input_dims, bits)), dtype=mx.uint32)
+        self.scales = mx.zeros((output_dims, input_dims // group_size), dtype=mx.float16)
+        self.signs = mx.ones((input_dims,), dtype=mx.int8)
+        if bias:
+            self.bias = mx.zeros((output_dims,))
+        self._levels = mx.array(levels, dtype=mx.float32)  # underscore: not a parameter
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = codebook_matmul_ref(
+            rotate(x, self.signs, self.block), self.weight, self.scales, self._levels,
+            bits=self.bits, group_size=self.group_size,
+        )
+        return y + self.bias if "bias" in self else y
+
+    def dequantized_weight(self) -> mx.array:
+        """The float32 weight in the rotated basis (what the kernel multiplies by)."""
+        return dequantize(self.weight, self.scales, self._levels,
+                          bits=self.bits, group_size=self.group_size, n=self.input_dims)
+
+    def to_dense(self) -> "RotatedLinear":
+        """A float32 twin that skips unpacking: same outputs, for fast evaluation."""
+        return RotatedLinear(self.dequantized_weight(), self.signs, self.block,
+                             self.bias if "bias" in self else None)
+
+    def _extra_repr(self) -> str:
+        return (f"input_dims={self.input_dims}, output_dims={self.output_dims}, bits={self.bits}, "
+                f"group_size={self.group_size}, block={self.block}, bias={'bias' in self}")
+
+
+class RotatedLinear(nn.Module):
+    """A dense float weight in the rotated basis: ``y = W' (R x) + b``."""
+
+    def __init__(self, weight: mx.array, signs: mx.array, block: int, bias: mx.array | None) -> None:
+        super().__init__()
+        self.weight, self.signs, self.block = weight, signs, block
+        if bias is not None:
+            self.bias = bias
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = rotate(x, self.signs, self.block) @ self.weight.astype(x.dtype).T
+        return y + self.bias if "bias" in self else y

@@ -1,0 +1,16 @@
+"""What every stage receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqpipe.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class StageContext:
+    recipe: Recipe
+    out: Path  # the folder this stage writes (temporary until the stage succeeds)
+    inputs: dict[str, Path]  # finished folders of the stages named in NEEDS
+    cache: Path  # shared downloads (outputs/_cache), keyed by their own content

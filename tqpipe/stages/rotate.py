@@ -1,0 +1,71 @@
+"""rotate: plan the model, then rotate each planned weight along its input dimension.
+
+Writes ``plan.json`` (every quantized tensor with its rule, bits, group, block
+and bytes), ``signs.safetensors`` (one ±1 vector per shared input) and
+``rotated-*.safetensors`` (float32 rotated weights, in shards of bounded size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from tqpipe.model_io import build_model, load_weights, read_config
+from tqpipe.plan import PlannedTensor, make_plan
+from tqpipe.quant.rotation import random_signs, rotate
+from tqpipe.recipe import Recipe
+from tqpipe.stages.context import StageContext
+
+log = logging.getLogger(__name__)
+
+NEEDS = ("fetch",)
+SHARD_BYTES = 1 << 30
+
+
+def settings(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "rules": [r.model_dump() for r in recipe.rules],
+        "protected": recipe.protected,
+        "rotation": recipe.rotation.model_dump(),
+    }
+
+
+def plan_summary(plan: list[PlannedTensor]) -> dict[str, Any]:
+    params = sum(t.params for t in plan)
+    size = sum(t.bytes for t in plan)
+    return {"tensors": len(plan), "params": params, "bytes": size, "bits_per_weight": 8 * size / max(params, 1)}
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    fetched = ctx.inputs["fetch"]
+    model = build_model(read_config(fetched))
+    plan = make_plan(ctx.recipe, model)
+    summary = plan_summary(plan)
+    log.info("plan: %d tensors, %.3f bits/weight on quantized layers", summary["tensors"], summary["bits_per_weight"])
+    (ctx.out / "plan.json").write_text(json.dumps({"summary": summary, "tensors": [t.to_json() for t in plan]}, indent=1))
+
+    weights = load_weights(fetched, model)
+    signs: dict[str, np.ndarray] = {}
+    shard: dict[str, np.ndarray] = {}
+    shard_no, shard_size = 0, 0
+    for t in tqdm(plan, desc="rotate", unit="tensor"):
+        if t.signs_key not in signs:
+            signs[t.signs_key] = random_signs(t.shape[1], seed=ctx.recipe.rotation.seed, key=t.signs_key)
+        w = weights[f"{t.path}.weight"].astype(mx.float32)
+        shard[t.path] = np.array(rotate(w, mx.array(signs[t.signs_key]), t.block))
+        shard_size += shard[t.path].nbytes
+        if shard_size >= SHARD_BYTES:
+            shard_no += 1
+            save_file(shard, str(ctx.out / f"rotated-{shard_no:05d}.safetensors"))
+            shard, shard_size = {}, 0
+    if shard:
+        shard_no += 1
+        save_file(shard, str(ctx.out / f"rotated-{shard_no:05d}.safetensors"))
+    save_file(signs, str(ctx.out / "signs.safetensors"))
+    return summary | {"shards": shard_no, "sign_vectors": len(signs)}
