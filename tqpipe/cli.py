@@ -22,11 +22,13 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("tqpipe")
 
 
-def run(recipe: Recipe, *, outputs: Path, stages: list[str], force: list[str]) -> dict[str, Any]:
+def run(
+    recipe: Recipe, *, outputs: Path, stages: list[str], force: list[str], cache: Path | None = None,
+) -> dict[str, Any]:
     """Build the stages and return the summary the CLI prints."""
     from tqpipe.engine import build
 
-    results = build(recipe, outputs=outputs, stages=stages, force=force)
+    results = build(recipe, outputs=outputs, stages=stages, force=force, cache=cache)
     summary: dict[str, Any] = {"recipe": recipe.name, "folder": str(outputs / recipe.name)}
     for r in results:
         summary[r.stage] = r.status
@@ -63,7 +65,8 @@ def main(cfg: DictConfig) -> None:
     try:
         recipe = Recipe.from_config(OmegaConf.to_container(cfg.recipe, resolve=True))
         outputs = Path(cfg.outputs)
-        summary = run(recipe, outputs=outputs, stages=list(cfg.stages), force=list(cfg.force))
+        summary = run(recipe, outputs=outputs, stages=list(cfg.stages), force=list(cfg.force),
+                      cache=Path(cfg.cache))
     except (RecipeError, SourceError) as e:
         log.error("%s", e)
         sys.exit(2)

@@ -43,13 +43,17 @@ def stage_key(name: str, recipe: Recipe, inputs: dict[str, str]) -> str:
 
 def build(
     recipe: Recipe, *, outputs: Path, stages: list[str] | None = None, force: list[str] | None = None,
+    cache: Path | None = None,
 ) -> list[StageOutcome]:
-    """Build ``stages`` (default: all) of ``recipe`` under ``outputs/<recipe.name>/``."""
+    """Build ``stages`` (default: all) of ``recipe`` under ``outputs/<recipe.name>/``.
+
+    ``cache`` (default ``outputs/_cache``) holds downloads that any recipe may reuse.
+    """
     stages = list(STAGES) if stages is None else stages
     force = force or []
     check_stage_names(stages, force)
     root = outputs / recipe.name
-    cache = outputs / "_cache"
+    cache = cache or outputs / "_cache"
     results = []
     for name in [s for s in STAGES if s in stages]:  # always in pipeline order
         module = STAGES[name]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -58,8 +59,16 @@ def _classes_with_tq(config: dict):
     return build, args_cls
 
 
-def load(path: str | Path, *, lazy: bool = False) -> tuple[nn.Module, TokenizerWrapper]:
-    """Load a packed model folder and its tokenizer."""
+def load(
+    path: str | Path, *, lazy: bool = False, dtype: mx.Dtype | None = None,
+) -> tuple[nn.Module, TokenizerWrapper]:
+    """Load a packed model folder and its tokenizer.
+
+    ``dtype`` casts the floating-point parameters (kept tensors and scales), e.g.
+    ``mx.float32`` on a CPU, where float16 arithmetic is emulated and slow.
+    """
     path = Path(path)
     model, config = load_model(path, lazy=lazy, get_model_classes=_classes_with_tq)
+    if dtype is not None:
+        model.set_dtype(dtype)
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
