@@ -80,6 +80,14 @@ class Codebook(_Strict):
     scale_method: Literal["mse", "rms"] = "mse"  # how each group's fp16 scale is chosen
 
 
+class Calibration(_Strict):
+    mode: Literal["none", "gptq"] = "none"  # none: data-free; gptq: error feedback through input Hessians
+    text: Literal["pydoc_topics"] = "pydoc_topics"  # read from its middle on; validation reads its start
+    tokens: Annotated[int, Field(ge=64)] = 4096  # calibration tokens run through the unquantized model
+    context: Annotated[int, Field(ge=16)] = 512  # window length
+    damp: Annotated[float, Field(gt=0, le=1)] = 0.01  # Hessian damping, relative to its mean diagonal
+
+
 class Validate(_Strict):
     text: Literal["pydoc_topics"] = "pydoc_topics"  # stdlib prose, present on every Python
     tokens: Annotated[int, Field(ge=64)] = 4096  # tokens fed through the model
@@ -108,6 +116,7 @@ class Recipe(_Strict):
     kept_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # unquantized tensors
     rotation: Rotation = Rotation()
     codebook: Codebook = Codebook()
+    calibration: Calibration = Calibration()
     validate_: Validate = Field(Validate(), alias="validate")
     publish: Publish = Publish()
 

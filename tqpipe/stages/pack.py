@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from tqpipe import FORMAT_VERSION, __version__
 from tqpipe.model_io import TOKENIZER_FILES, build_model, load_weights, read_config
+from tqpipe.quant.gptq import output_error
 from tqpipe.quant.packing import pack_indices
-from tqpipe.quant.scales import dequantize_groups, quantize_groups
+from tqpipe.quant.quantize import quantize_weight
+from tqpipe.quant.scales import dequantize_groups
 from tqpipe.recipe import Recipe
 from tqpipe.sources.files import link_or_copy
 from tqpipe.stages.codebook import codebook_name
@@ -34,7 +36,8 @@ NEEDS = ("fetch", "rotate", "codebook")
 
 
 def settings(recipe: Recipe) -> dict[str, Any]:
-    return {"scale_method": recipe.codebook.scale_method, "kept_dtype": recipe.kept_dtype}
+    return {"scale_method": recipe.codebook.scale_method, "kept_dtype": recipe.kept_dtype,
+            "damp": recipe.calibration.damp}
 
 
 def _rotated_tensors(folder: Path) -> dict[str, Path]:
@@ -70,6 +73,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     where = _rotated_tensors(rotated)
     with safe_open(str(rotated / "signs.safetensors"), framework="numpy") as f:
         signs = {k: f.get_tensor(k) for k in f.keys()}
+    hessians = {}
+    if (rotated / "hessians.safetensors").exists():
+        with safe_open(str(rotated / "hessians.safetensors"), framework="numpy") as f:
+            hessians = {k: f.get_tensor(k) for k in f.keys()}
 
     out: dict[str, mx.array] = {}
     modules, report = {}, []
@@ -79,14 +86,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
         levels = np.asarray(books[book]["levels"], dtype=np.float32)
         with safe_open(str(where[path]), framework="numpy") as f:
             w = f.get_tensor(path)
-        idx, scales = quantize_groups(w, levels, group_size=g, method=recipe.codebook.scale_method)
+        h = hessians.get(t["signs_key"])
+        idx, scales = quantize_weight(w, levels, group_size=g, scale_method=recipe.codebook.scale_method,
+                                      hessian=h, damp=recipe.calibration.damp)
         out[f"{path}.weight"] = mx.array(pack_indices(idx, bits))
         out[f"{path}.scales"] = mx.array(scales)
         out[f"{path}.signs"] = mx.array(signs[t["signs_key"]])
         if f"{path}.bias" in weights:
             out[f"{path}.bias"] = _kept(weights[f"{path}.bias"], recipe.kept_dtype)
         modules[path] = {"bits": bits, "group_size": g, "codebook": book, "block": t["block"]}
-        report.append({"path": path, "bits": bits, "group_size": g} | error_stats(w, dequantize_groups(idx, scales, levels, group_size=g)))
+        w_hat = dequantize_groups(idx, scales, levels, group_size=g)
+        stats = error_stats(w, w_hat) | ({} if h is None else {"calib_output_error": output_error(w, w_hat, h)})
+        report.append({"path": path, "bits": bits, "group_size": g} | stats)
 
     for name, arr in weights.items():
         if name.rpartition(".")[0] not in modules:
@@ -108,4 +119,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
             link_or_copy(fetched / name, ctx.out / name)
     (ctx.out / "pack_report.json").write_text(json.dumps({"plan": plan_file["summary"], "tensors": report}, indent=1))
     errs = np.array([r["rel_mse"] for r in report])
-    return {"tensors": len(report), "mean_rel_mse": float(errs.mean()), "max_rel_mse": float(errs.max())}
+    return {"tensors": len(report), "mean_rel_mse": float(errs.mean()), "max_rel_mse": float(errs.max()),
+            "calibration": recipe.calibration.mode}

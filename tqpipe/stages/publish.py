@@ -45,6 +45,7 @@ def card_values(recipe: Recipe, validation: dict[str, Any], pack_manifest: dict[
         "source_sha256": fetch_summary.get("gguf_sha256"),
         "rules": rec["rules"], "protected": rec["protected"], "kept_dtype": recipe.kept_dtype,
         "scale_method": recipe.codebook.scale_method,
+        "calibration_tokens": recipe.calibration.tokens, "calibration_text": recipe.calibration.text,
         "recipe_yaml": OmegaConf.to_yaml(rec).strip(),
         "versions": pack_manifest["versions"],
         "weight_hashes": {f: h for f, h in pack_manifest["outputs"].items() if f.endswith(".safetensors")},
@@ -78,7 +79,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for f in sorted(packed.iterdir()):
         if f.is_file() and f.name not in SKIP:
             link_or_copy(f, ctx.out / f.name)
-    link_or_copy(validated / "validate.json", ctx.out / "validate.json")
+    for name in ("validate.json", "layer_errors.json", "layer_errors.png"):
+        link_or_copy(validated / name, ctx.out / name)
     (ctx.out / "recipe.yaml").write_text(OmegaConf.to_yaml(ctx.recipe.dump()))
     validation = json.loads((validated / "validate.json").read_text())
     fetch_summary = read_manifest(ctx.inputs["fetch"])["summary"]

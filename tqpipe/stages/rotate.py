@@ -3,12 +3,15 @@
 Writes ``plan.json`` (every quantized tensor with its rule, bits, group, block
 and bytes), ``signs.safetensors`` (one ±1 vector per shared input) and
 ``rotated-*.safetensors`` (float32 rotated weights, in shards of bounded size).
+In the ``gptq`` calibration mode it also writes ``hessians.safetensors``: the
+rotated second moment ``R H Rᵀ`` of each shared input, from calibration text.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -33,7 +36,28 @@ def settings(recipe: Recipe) -> dict[str, Any]:
         "rules": [r.model_dump() for r in recipe.rules],
         "protected": recipe.protected,
         "rotation": recipe.rotation.model_dump(),
+        "calibration": recipe.calibration.model_dump(exclude={"damp"}),
     }
+
+
+def calibrate(recipe: Recipe, fetched: Path, plan: list[PlannedTensor],
+              signs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rotated input second moments per shared input, from the unquantized model on calibration text."""
+    from mlx_lm import load as load_unquantized
+
+    from tqpipe.calibration import InputMoments, rotated_moment
+    from tqpipe.eval.texts import token_windows
+
+    c = recipe.calibration
+    model, tokenizer = load_unquantized(str(fetched))
+    model.set_dtype(mx.float32)
+    windows = token_windows(tokenizer, c.text, tokens=c.tokens, context=c.context, split="calibrate")
+    with InputMoments(model, {t.path: t.signs_key for t in plan}) as moments:
+        moments.run(tqdm(windows, desc="calibrate", unit="window"))
+    blocks = {t.signs_key: t.block for t in plan}
+    log.info("calibration: input moments of %d shared inputs over %d tokens", len(moments.store), moments.tokens)
+    return {k: np.array(rotated_moment(h / moments.tokens, mx.array(signs[k]), blocks[k]))
+            for k, h in moments.store.items()}
 
 
 def plan_summary(plan: list[PlannedTensor]) -> dict[str, Any]:
@@ -68,4 +92,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         shard_no += 1
         save_file(shard, str(ctx.out / f"rotated-{shard_no:05d}.safetensors"))
     save_file(signs, str(ctx.out / "signs.safetensors"))
-    return summary | {"shards": shard_no, "sign_vectors": len(signs)}
+    if ctx.recipe.calibration.mode == "gptq":
+        save_file(calibrate(ctx.recipe, fetched, plan, signs), str(ctx.out / "hessians.safetensors"))
+    return summary | {"shards": shard_no, "sign_vectors": len(signs), "calibration": ctx.recipe.calibration.mode}

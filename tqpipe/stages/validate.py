@@ -27,9 +27,12 @@ from tqdm import tqdm
 from tqpipe import runtime
 from tqpipe.eval.generation import greedy
 from tqpipe.eval.stats import summarize, token_stats
-from tqpipe.eval.texts import TEXTS
+from tqpipe.calibration import InputMoments
+from tqpipe.eval.layer_error import layer_errors, plot_layer_errors
+from tqpipe.eval.texts import token_windows
+from tqpipe.plan import signs_key
 from tqpipe.recipe import Recipe
-from tqpipe.runtime.layers import TQLinear
+from tqpipe.runtime.layers import RotatedLinear, TQLinear
 from tqpipe.stages.context import StageContext
 
 log = logging.getLogger(__name__)
@@ -79,10 +82,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     load_seconds = time.time() - t0
     params_total = sum(a.size for _, a in tree_flatten(base.parameters()))
 
-    tokens = tokenizer.encode(TEXTS[v.text]())
-    if len(tokens) < v.tokens:
-        raise ValueError(f"text {v.text!r} has {len(tokens)} tokens; recipe.validate.tokens={v.tokens} is too many")
-    tokens = mx.array(tokens[: v.tokens - v.tokens % v.context]).reshape(-1, v.context)
+    tokens = token_windows(tokenizer, v.text, tokens=v.tokens, context=v.context, split="validate")
 
     generation = {"quantized": greedy(quant, tokenizer, v.prompt, v.max_new_tokens),
                   "base": greedy(base, tokenizer, v.prompt, v.max_new_tokens)}
@@ -97,17 +97,27 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     per_token: dict[str, list[np.ndarray]] = {}
     half = v.context // 2
-    for window in tqdm(tokens, desc="validate", unit="window"):
-        w = window[None]
-        stats = token_stats(base(w)[0, half:-1], quant(w)[0, half:-1], window[half + 1:])
-        for k, a in stats.items():
-            per_token.setdefault(k, []).append(a)
+    keys = {p: signs_key(p) for p, m in quant.named_modules() if isinstance(m, RotatedLinear)}
+    with InputMoments(base, keys) as moments:  # the base model's layer inputs, for the per-layer errors
+        for window in tqdm(tokens, desc="validate", unit="window"):
+            w = window[None]
+            stats = token_stats(base(w)[0, half:-1], quant(w)[0, half:-1], window[half + 1:])
+            mx.eval(list(moments.store.values()))
+            for k, a in stats.items():
+                per_token.setdefault(k, []).append(a)
     quality = summarize({k: np.concatenate(a) for k, a in per_token.items()})
+    layers = layer_errors(base, quant, moments.store, keys)
+    (ctx.out / "layer_errors.json").write_text(json.dumps(layers, indent=1))
+    plot_layer_errors(layers, ctx.out / "layer_errors.png", f"{ctx.recipe.name}: per-layer output error on {v.text}")
 
     result = {
         "recipe": ctx.recipe.name,
         "text": v.text, "context": v.context, "scored": f"second half of each {v.context}-token window",
         "quality": quality,
+        "layer_output_error": {"mean": float(np.mean([r["output_error"] for r in layers])),
+                               "max": float(np.max([r["output_error"] for r in layers])),
+                               "by_kind": _by_kind(layers)},
+        "calibration": ctx.recipe.calibration.mode,
         "size": size_figures(packed, params_total),
         "runtime_check": {"tokens": v.check_tokens, "max_abs_logit_diff": diff, "logit_scale": scale,
                           "modules": n_swapped},
@@ -119,3 +129,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     (ctx.out / "validate.json").write_text(json.dumps(result, indent=2))
     return {"kld_mean": quality["kld_mean"], "ppl_quant": quality["ppl_quant"],
             "ppl_base": quality["ppl_base"], "top1": quality["top1_agreement"]}
+
+
+def _by_kind(rows: list[dict[str, Any]]) -> dict[str, float]:
+    kinds = sorted({r["kind"] for r in rows})
+    return {k: float(np.mean([r["output_error"] for r in rows if r["kind"] == k])) for k in kinds}
