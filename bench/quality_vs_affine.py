@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def turboquant_layer(lin: nn.Linear, path: str, bits: int, group: int, method: s
     signs = mx.array(random_signs(n, seed=0, key=key))
     w_rot = np.array(rotate(w, signs, block))
     levels = lloyd_max_gaussian(bits)
-    h = None if hessians is None else hessians[key]
+    h = None if hessians is None else hessians.get(key)
     idx, s = quantize_weight(w_rot, levels, group_size=group, scale_method=method, hessian=h)
     w_hat = mx.array(dequantize_groups(idx, s, levels, group_size=group))
     return RotatedLinear(w_hat, signs, block, lin.bias if "bias" in lin else None)
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--schemes", default="", help="regex: run only the schemes whose name matches")
     args = ap.parse_args()
 
     model_dir = args.model_dir or default_model_dir()
@@ -120,8 +122,9 @@ def main() -> None:
             lg = base(w[None])[0, half:-1]
             mx.eval(lg, list(vm.store.values()))
             base_logits.append(lg)
-    moments = {k: h / vm.tokens for k, h in vm.store.items()}
+    moments = vm.store  # the error ratios do not depend on the normalization
     hessians = calibration_moments(base, tokenizer, args.calib_tokens, args.context)
+    proxies = norm_proxy_moments(base)
 
     schemes = []
     for b in args.bits:
@@ -130,10 +133,12 @@ def main() -> None:
             (f"affine {b}-bit g32", b + 1.0, lambda p, l, b=b: affine_layer(l, b, 32)),
             (f"tqpipe {b}-bit g32 rms, data-free", b + 0.5, lambda p, l, b=b: turboquant_layer(l, p, b, 32, "rms", None)),
             (f"tqpipe {b}-bit g32 mse, data-free", b + 0.5, lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None)),
+            (f"tqpipe {b}-bit g32 gptq norm-proxy, data-free", b + 0.5,
+             lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", proxies)),
             (f"tqpipe {b}-bit g32 gptq (calibrated)", b + 0.5, lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", hessians)),
         ]
     rows = []
-    for name, bpw, make in schemes:
+    for name, bpw, make in [s for s in schemes if re.search(args.schemes, s[0])]:
         t0 = time.time()
         originals = swapped(base, make)
         mx.eval(base.parameters())
@@ -145,6 +150,26 @@ def main() -> None:
               f"top1 {res['top1_agreement']:.3f}  wMSE {res['weight_rel_mse']:.4f}  outErr {res['output_error']:.4f}",
               flush=True)
     write_report(rows, args)
+
+
+def norm_proxy_moments(model: nn.Module) -> dict[str, np.ndarray]:
+    """Data-free stand-in for H: the input of q/k/v (gate/up) is RMSNorm(x)·g, so E[x xᵀ] ≈ diag(g²).
+
+    Layers that follow no norm get no entry (plain rounding). llama-style names only (bench).
+    """
+    mods = dict(model.named_modules())
+    out = {}
+    for path in linear_modules(model):
+        layer, _, leaf = path.rpartition(".")
+        norm = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
+                "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}.get(leaf)
+        if norm is None:
+            continue
+        g = mods[layer.rpartition(".")[0] + "." + norm].weight.astype(mx.float32)
+        key, n = signs_key(path), g.shape[0]
+        h = mx.diag(g * g)
+        out[key] = np.array(rotated_moment(h, mx.array(random_signs(n, seed=0, key=key)), hadamard_block_size(n)))
+    return out
 
 
 def evaluate_swapped(base, originals, windows, base_logits, moments):
