@@ -80,9 +80,10 @@ def turboquant_layer(lin: nn.Linear, path: str, bits: int, group: int, method: s
     return RotatedLinear(w_hat, signs, block, lin.bias if "bias" in lin else None)
 
 
-def calibration_moments(model: nn.Module, tokenizer, tokens: int, context: int) -> dict[str, np.ndarray]:
+def calibration_moments(model: nn.Module, tokenizer, tokens: int, context: int,
+                        text: str = "pydoc_topics") -> dict[str, np.ndarray]:
     keys = {p: signs_key(p) for p in linear_modules(model)}
-    windows = token_windows(tokenizer, "pydoc_topics", tokens=tokens, context=context, split="calibrate")
+    windows = token_windows(tokenizer, text, tokens=tokens, context=context, split="calibrate")
     with InputMoments(model, keys) as m:
         m.run(tqdm(windows, desc="calibrate", unit="window", leave=False))
     blocks = {signs_key(p): hadamard_block_size(lin.weight.shape[1]) for p, lin in linear_modules(model).items()}
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--schemes", default="", help="regex: run only the schemes whose name matches")
+    ap.add_argument("--probe-only", action="store_true",
+                    help="rank schemes by weight and output error only (no KLD): minutes, not tens of minutes")
     args = ap.parse_args()
 
     model_dir = args.model_dir or default_model_dir()
@@ -125,6 +128,7 @@ def main() -> None:
     moments = vm.store  # the error ratios do not depend on the normalization
     hessians = calibration_moments(base, tokenizer, args.calib_tokens, args.context)
     proxies = norm_proxy_moments(base)
+    synthetic = calibration_moments(base, tokenizer, args.calib_tokens, args.context, text="random_tokens")
 
     schemes = []
     for b in args.bits:
@@ -135,6 +139,8 @@ def main() -> None:
             (f"tqpipe {b}-bit g32 mse, data-free", b + 0.5, lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None)),
             (f"tqpipe {b}-bit g32 gptq norm-proxy, data-free", b + 0.5,
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", proxies)),
+            (f"tqpipe {b}-bit g32 gptq random-token H, data-free", b + 0.5,
+             lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", synthetic)),
             (f"tqpipe {b}-bit g32 gptq (calibrated)", b + 0.5, lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", hessians)),
         ]
     rows = []
@@ -143,11 +149,11 @@ def main() -> None:
         originals = swapped(base, make)
         mx.eval(base.parameters())
         quant_s = time.time() - t0
-        res = evaluate_swapped(base, originals, windows, base_logits, moments)
+        res = evaluate_swapped(base, originals, windows, base_logits, moments, probe_only=args.probe_only)
         base.update_modules(tree_unflatten(originals))
         rows.append({"scheme": name, "bpw": bpw, "quantize_seconds": round(quant_s, 1)} | res)
-        print(f"{name:42s} bpw {bpw:.1f}  KLD {res['kld_mean']:.4f}  PPL {res['ppl_quant']:.3f}  "
-              f"top1 {res['top1_agreement']:.3f}  wMSE {res['weight_rel_mse']:.4f}  outErr {res['output_error']:.4f}",
+        kld = "" if args.probe_only else f"KLD {res['kld_mean']:.4f}  PPL {res['ppl_quant']:.3f}  top1 {res['top1_agreement']:.3f}  "
+        print(f"{name:48s} bpw {bpw:.1f}  {kld}wMSE {res['weight_rel_mse']:.4f}  outErr {res['output_error']:.4f}",
               flush=True)
     write_report(rows, args)
 
@@ -172,15 +178,18 @@ def norm_proxy_moments(model: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def evaluate_swapped(base, originals, windows, base_logits, moments):
-    """Score the model with its layers swapped; errors are measured against the original layers."""
+def evaluate_swapped(base, originals, windows, base_logits, moments, *, probe_only: bool = False):
+    """Score the model with its layers swapped; errors are measured against the original layers.
+
+    ``probe_only`` skips the logits (KLD, PPL): weight and output errors only, in seconds.
+    """
     half = windows.shape[1] // 2
     per_token: dict[str, list] = {}
-    for win, bl in zip(windows, base_logits):
+    for win, bl in zip(windows, [] if probe_only else base_logits):
         st = token_stats(bl, base(win[None])[0, half:-1], win[half + 1:])
         for k, a in st.items():
             per_token.setdefault(k, []).append(a)
-    quality = summarize({k: np.concatenate(a) for k, a in per_token.items()})
+    quality = {} if probe_only else summarize({k: np.concatenate(a) for k, a in per_token.items()})
     now = dict(base.named_modules())
     errs, outs = [], []
     for path, lin in originals:
@@ -200,14 +209,16 @@ def evaluate_swapped(base, originals, windows, base_logits, moments):
 def write_report(rows: list[dict], args) -> None:
     out = ROOT / "outputs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality_vs_affine.json").write_text(json.dumps({"args": vars(args) | {"model_dir": str(args.model_dir)},
+    stem = "quality_probe" if args.probe_only else "quality_vs_affine"
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args) | {"model_dir": str(args.model_dir)},
                                                             "rows": rows}, indent=1, default=str))
     lines = ["| scheme | bpw | weight rel-MSE | output error | KLD (nats/token) | PPL | top-1 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['scheme']} | {r['bpw']:.1f} | {r['weight_rel_mse']:.4f} | {r['output_error']:.4f} | "
-                     f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | {r['ppl_quant']:.3f} | {r['top1_agreement']:.3f} |")
-    (out / "quality_vs_affine.md").write_text("\n".join(lines) + "\n")
+        q = (f"{r['kld_mean']:.4f} ± {r['kld_stderr']:.4f} | {r['ppl_quant']:.3f} | {r['top1_agreement']:.3f}"
+             if "kld_mean" in r else "— | — | —")
+        lines.append(f"| {r['scheme']} | {r['bpw']:.1f} | {r['weight_rel_mse']:.4f} | {r['output_error']:.4f} | {q} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -81,8 +81,9 @@ class Codebook(_Strict):
 
 
 class Calibration(_Strict):
-    mode: Literal["none", "gptq"] = "none"  # none: data-free; gptq: error feedback through input Hessians
-    text: Literal["pydoc_topics"] = "pydoc_topics"  # read from its middle on; validation reads its start
+    mode: Literal["gptq", "none"] = "gptq"  # gptq: error feedback through input moments; none: plain rounding
+    text: Literal["random_tokens", "pydoc_topics"] = "random_tokens"  # random_tokens: no data at all;
+    #   a text is read from its middle on, while validation reads its start
     tokens: Annotated[int, Field(ge=64)] = 4096  # calibration tokens run through the unquantized model
     context: Annotated[int, Field(ge=16)] = 512  # window length
     damp: Annotated[float, Field(gt=0, le=1)] = 0.01  # Hessian damping, relative to its mean diagonal

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import mlx.core as mx
+import numpy as np
 
 
 def pydoc_topics() -> str:
@@ -19,14 +20,25 @@ def pydoc_topics() -> str:
 
 
 TEXTS = {"pydoc_topics": pydoc_topics}
+SYNTHETIC = ("random_tokens",)  # token streams made without any text: calibration needs no data
+
+
+def random_tokens(vocab_size: int, n: int, *, seed: int = 0) -> list[int]:
+    """``n`` token ids drawn uniformly from the vocabulary (numpy PCG64, fixed seed)."""
+    return np.random.default_rng(seed).integers(0, vocab_size, size=n).tolist()
 
 
 def token_windows(
     tokenizer: Any, text: str, *, tokens: int, context: int, split: Literal["validate", "calibrate"],
 ) -> mx.array:
     """``[tokens // context, context]`` token ids: from the start (validate) or the middle (calibrate)."""
-    ids = tokenizer.encode(TEXTS[text]())
-    start = 0 if split == "validate" else len(ids) // 2
+    if text == "random_tokens":
+        if split == "validate":
+            raise ValueError("random_tokens is for calibration only; validate on a real text")
+        ids, start = random_tokens(len(tokenizer.vocab), tokens), 0
+    else:
+        ids = tokenizer.encode(TEXTS[text]())
+        start = 0 if split == "validate" else len(ids) // 2
     if split == "validate" and tokens > len(ids) // 2:
         raise ValueError(f"text {text!r} has {len(ids)} tokens; {tokens} for validation would overlap calibration")
     if start + tokens > len(ids):
