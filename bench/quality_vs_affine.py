@@ -127,7 +127,6 @@ def main() -> None:
             base_logits.append(lg)
     moments = vm.store  # the error ratios do not depend on the normalization
     hessians = calibration_moments(base, tokenizer, args.calib_tokens, args.context)
-    proxies = norm_proxy_moments(base)
     synthetic = calibration_moments(base, tokenizer, args.calib_tokens, args.context, text="random_tokens")
 
     schemes = []
@@ -137,9 +136,7 @@ def main() -> None:
             (f"affine {b}-bit g32", b + 1.0, lambda p, l, b=b: affine_layer(l, b, 32)),
             (f"tqpipe {b}-bit g32 rms, data-free", b + 0.5, lambda p, l, b=b: turboquant_layer(l, p, b, 32, "rms", None)),
             (f"tqpipe {b}-bit g32 mse, data-free", b + 0.5, lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None)),
-            (f"tqpipe {b}-bit g32 gptq norm-proxy, data-free", b + 0.5,
-             lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", proxies)),
-            (f"tqpipe {b}-bit g32 gptq random-token H, data-free", b + 0.5,
+            (f"tqpipe {b}-bit g32 gptq random-token H, data-free (default)", b + 0.5,
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", synthetic)),
             (f"tqpipe {b}-bit g32 gptq (calibrated)", b + 0.5, lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", hessians)),
         ]
@@ -156,26 +153,6 @@ def main() -> None:
         print(f"{name:48s} bpw {bpw:.1f}  {kld}wMSE {res['weight_rel_mse']:.4f}  outErr {res['output_error']:.4f}",
               flush=True)
     write_report(rows, args)
-
-
-def norm_proxy_moments(model: nn.Module) -> dict[str, np.ndarray]:
-    """Data-free stand-in for H: the input of q/k/v (gate/up) is RMSNorm(x)·g, so E[x xᵀ] ≈ diag(g²).
-
-    Layers that follow no norm get no entry (plain rounding). llama-style names only (bench).
-    """
-    mods = dict(model.named_modules())
-    out = {}
-    for path in linear_modules(model):
-        layer, _, leaf = path.rpartition(".")
-        norm = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
-                "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}.get(leaf)
-        if norm is None:
-            continue
-        g = mods[layer.rpartition(".")[0] + "." + norm].weight.astype(mx.float32)
-        key, n = signs_key(path), g.shape[0]
-        h = mx.diag(g * g)
-        out[key] = np.array(rotated_moment(h, mx.array(random_signs(n, seed=0, key=key)), hadamard_block_size(n)))
-    return out
 
 
 def evaluate_swapped(base, originals, windows, base_logits, moments, *, probe_only: bool = False):

@@ -51,6 +51,9 @@ def test_default_command_builds_all_six_stages(default_build):
     assert val["runtime_check"]["max_abs_logit_diff"] <= 1e-3 * val["runtime_check"]["logit_scale"]
     assert "paris" in val["generation"]["base"]["text"].lower()  # the GGUF conversion is right
     assert f"KLD {q['kld_mean']:.4f}" in proc.stdout
+    assert val["calibration"] == "gptq"
+    layers = json.loads((root / "validate" / "layer_errors.json").read_text())
+    assert len(layers) == 210 and all(r["output_error"] > 0 for r in layers)
 
 
 @pytest.mark.slow
@@ -67,8 +70,11 @@ def test_card_shows_only_measured_values(default_build):
         assert f"{value:.4f}" in card
     assert f"{100 * q['top1_agreement']:.2f} %" in card
     assert RECIPE in card and "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53" in card
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "recipe.yaml", "validate.json"):
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "recipe.yaml", "validate.json", "layer_errors.png"):
         assert (pub / f).is_file()
+    assert "![per-layer output error](layer_errors.png)" in card
+    assert "no text was used" in card  # the default calibration is data-free, and the card says so
+    assert f"{val['layer_output_error']['mean']:.4f}" in card
 
 
 @pytest.mark.slow

@@ -43,31 +43,32 @@ def gptq_quantize(
     if n % group_size:
         raise ValueError(f"group size {group_size} does not divide input width {n}")
     u, dead = inverse_hessian_factor(h, damp=damp)
-    w = np.array(w, dtype=np.float64)
-    w[:, dead] = 0.0
-    lv = np.asarray(levels, dtype=np.float64)
-    idx = np.zeros((rows, n), dtype=np.uint8)
+    u = u.astype(np.float32)
+    # work on Wᵀ so that a column of W is a contiguous row: the inner updates stay in cache
+    wt = np.array(w, dtype=np.float32).T.copy()
+    wt[dead, :] = 0.0
+    lv = np.asarray(levels, dtype=np.float32)
+    idx_t = np.zeros((n, rows), dtype=np.uint8)
     scales = np.zeros((rows, n // group_size), dtype=np.float16)
     block = max(group_size, block - block % group_size)
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        err = np.zeros((rows, b1 - b0))
+        err = np.zeros((b1 - b0, rows), dtype=np.float32)
         for i in range(b0, b1):
             if i % group_size == 0:
-                _, s16 = quantize_groups(w[:, i:i + group_size].astype(np.float32), levels,
-                                         group_size=group_size, method=method)
+                _, s16 = quantize_groups(wt[i:i + group_size].T, levels, group_size=group_size, method=method)
                 scales[:, i // group_size] = s16[:, 0]
-                s = s16[:, 0].astype(np.float64)
-                s_safe = np.where(s > 0, s, 1.0)
-            col = w[:, i]
+                s = s16[:, 0].astype(np.float32)
+                s_safe = np.where(s > 0, s, 1.0).astype(np.float32)
+            col = wt[i]
             q_idx = nearest_level(col / s_safe, lv)
-            idx[:, i] = q_idx
+            idx_t[i] = q_idx
             e = (col - s * lv[q_idx]) / u[i, i]
             # spread this column's error over the rest of the block now, the remainder lazily
-            w[:, i + 1:b1] -= np.outer(e, u[i, i + 1:b1])
-            err[:, i - b0] = e
-        w[:, b1:] -= err @ u[b0:b1, b1:]
-    return idx, scales
+            wt[i + 1:b1] -= np.outer(u[i, i + 1:b1], e)
+            err[i - b0] = e
+        wt[b1:] -= u[b0:b1, b1:].T @ err
+    return idx_t.T.copy(), scales
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
