@@ -138,3 +138,12 @@ def test_pack_layout_is_a_little_endian_bit_stream():
 def test_pack_rejects_out_of_range_indices():
     with pytest.raises(ValueError, match="fit"):
         pack_indices(np.array([[4]]), 2)
+
+
+@pytest.mark.parametrize("bits, target", [(2, 0.107), (3, 0.0285)])
+def test_gaussian_rel_mse_meets_the_targets_at_g32(bits, target):
+    w = np.random.default_rng(10).standard_normal((512, 1024)).astype(np.float32)
+    lv = lloyd_max_gaussian(bits)
+    idx, s = quantize_groups(w, lv, group_size=32, method="mse")
+    rel = np.sum((dequantize_groups(idx, s, lv, group_size=32) - w) ** 2) / np.sum(w**2)
+    assert rel <= target

@@ -96,7 +96,7 @@ def measure_errors(recipe, fetched: Path, bits_choices: list[int], group_size: i
 
 
 def recipe_text(base: str, name: str, choice: dict[str, int], group_size: int, table: ErrorTable,
-                target_bpw: float, params: int) -> str:
+                target_bpw: float, params: int, calibration: str = "random_tokens") -> str:
     size = sum(table[p][b][0] for p, b in choice.items())
     err = sum(table[p][b][1] for p, b in choice.items())
     counts = {b: sum(1 for v in choice.values() if v == b) for b in sorted(set(choice.values()))}
@@ -104,7 +104,7 @@ def recipe_text(base: str, name: str, choice: dict[str, int], group_size: int, t
         f"# Allocated by `python -m tqpipe.allocate --recipe {base} --target-bpw {target_bpw}`:",
         f"# {8 * size / params:.4f} bits/weight on the quantized layers ({size:,} bytes),",
         f"# summed output error {err:.4f}; tensors per bit width: {counts}.",
-        "# Sensitivities were measured on the calibration text; edit freely.",
+        f"# Sensitivities: output errors on the calibration input ({calibration}); edit freely.",
         "defaults:", f"  - {base}", "  - _self_", "", f"name: {name}", "rules:",
     ]
     for path in sorted(choice, key=_natural):
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     choice = allocate(table, int(args.target_bpw * params / 8))
     name = args.name or f"{args.recipe}_auto{str(args.target_bpw).replace('.', 'p')}"
     out = ROOT / "recipes" / f"{name}.yaml"
-    out.write_text(recipe_text(args.recipe, name, choice, args.group_size, table, args.target_bpw, params))
+    out.write_text(recipe_text(args.recipe, name, choice, args.group_size, table, args.target_bpw, params,
+                               recipe.calibration.text))
     print(f"wrote {out}")
 
 
