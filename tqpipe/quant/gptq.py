@@ -75,6 +75,7 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """Relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` = ‖ΔW X‖² / ‖W X‖² for ``H = XᵀX``."""
     d = (w_hat - w).astype(np.float64)
     w = w.astype(np.float64)
-    num = float(np.einsum("ij,jk,ik->", d, h, d))
-    den = float(np.einsum("ij,jk,ik->", w, h, w))
+    h = np.asarray(h, dtype=np.float64)
+    num = float(np.sum((d @ h) * d))
+    den = float(np.sum((w @ h) * w))
     return num / den if den > 0 else 0.0
