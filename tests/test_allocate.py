@@ -67,3 +67,21 @@ def test_recipe_text_is_a_loadable_recipe():
 
     assert re.search(cfg.rules[0].pattern, "model.layers.0.mlp.up_proj")
     assert not re.search(cfg.rules[0].pattern, "model.layers.10.mlp.up_proj")
+
+
+def test_measured_errors_fall_with_bits_on_a_real_model(tiny_llama):
+    from tqpipe.allocate import measure_errors
+    from tqpipe.recipe import Recipe
+
+    recipe = Recipe.from_config({
+        "name": "tiny", "model": {"kind": "local", "path": str(tiny_llama)},
+        "rules": [{"pattern": r"proj$", "bits": 3}],
+        "calibration": {"tokens": 256, "context": 64},
+    })
+    table, plan = measure_errors(recipe, tiny_llama, [2, 3, 4], 32)
+    assert set(table) == {t.path for t in plan} and len(table) == 14
+    for path, opts in table.items():
+        sizes = [opts[b][0] for b in (2, 3, 4)]
+        errs = [opts[b][1] for b in (2, 3, 4)]
+        assert sizes[0] < sizes[1] < sizes[2]
+        assert errs[0] > errs[1] > errs[2] > 0, path
