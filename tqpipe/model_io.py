@@ -47,7 +47,3 @@ def load_weights(folder: Path, model: nn.Module) -> dict[str, mx.array]:
     for f in files:
         weights.update(mx.load(f))
     return model.sanitize(weights) if hasattr(model, "sanitize") else weights
-
-
-def dir_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

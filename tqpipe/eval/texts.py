@@ -20,7 +20,6 @@ def pydoc_topics() -> str:
 
 
 TEXTS = {"pydoc_topics": pydoc_topics}
-SYNTHETIC = ("random_tokens",)  # token streams made without any text: calibration needs no data
 
 
 def random_tokens(vocab_size: int, n: int, *, seed: int = 0) -> list[int]:
