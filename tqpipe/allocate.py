@@ -77,7 +77,7 @@ def measure_errors(recipe, fetched: Path, bits_choices: list[int], group_size: i
     model = build_model(read_config(fetched))
     plan = make_plan(recipe, model)
     seed = recipe.rotation.seed
-    signs = {t.signs_key: random_signs(t.shape[1], seed=seed, key=t.signs_key) for t in plan}
+    signs = {t.signs_key: random_signs(t.shape[-1], seed=seed, key=t.signs_key) for t in plan}
     hessians = calibrate(recipe, fetched, plan, signs)
     weights = load_weights(fetched, model)
     levels = {b: lloyd_max_gaussian(b) for b in bits_choices}

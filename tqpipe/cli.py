@@ -24,11 +24,12 @@ log = logging.getLogger("tqpipe")
 
 def run(
     recipe: Recipe, *, outputs: Path, stages: list[str], force: list[str], cache: Path | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Build the stages and return the summary the CLI prints."""
     from tqpipe.engine import build
 
-    results = build(recipe, outputs=outputs, stages=stages, force=force, cache=cache)
+    results = build(recipe, outputs=outputs, stages=stages, force=force, cache=cache, workers=workers)
     summary: dict[str, Any] = {"recipe": recipe.name, "folder": str(outputs / recipe.name)}
     for r in results:
         summary[r.stage] = r.status
@@ -66,7 +67,7 @@ def main(cfg: DictConfig) -> None:
         recipe = Recipe.from_config(OmegaConf.to_container(cfg.recipe, resolve=True))
         outputs = Path(cfg.outputs)
         summary = run(recipe, outputs=outputs, stages=list(cfg.stages), force=list(cfg.force),
-                      cache=Path(cfg.cache))
+                      cache=Path(cfg.cache), workers=int(cfg.workers))
     except (RecipeError, SourceError) as e:
         log.error("%s", e)
         sys.exit(2)

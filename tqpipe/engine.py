@@ -43,11 +43,13 @@ def stage_key(name: str, recipe: Recipe, inputs: dict[str, str]) -> str:
 
 def build(
     recipe: Recipe, *, outputs: Path, stages: list[str] | None = None, force: list[str] | None = None,
-    cache: Path | None = None,
+    cache: Path | None = None, workers: int = 0,
 ) -> list[StageOutcome]:
     """Build ``stages`` (default: all) of ``recipe`` under ``outputs/<recipe.name>/``.
 
     ``cache`` (default ``outputs/_cache``) holds downloads that any recipe may reuse.
+    ``workers`` caps the processes a stage uses (0: one per core, as memory allows);
+    it never changes a result, so it is not part of any stage key.
     """
     stages = list(STAGES) if stages is None else stages
     force = force or []
@@ -73,7 +75,7 @@ def build(
             log.info("%-8s up to date, skipped (%s)", name, folder)
             results.append(StageOutcome(name, "skipped", folder, old))
             continue
-        results.append(StageOutcome(name, "built", folder, _run_stage(name, recipe, key, inputs, digests, folder, cache)))
+        results.append(StageOutcome(name, "built", folder, _run_stage(name, recipe, key, inputs, digests, folder, cache, workers)))
     return results
 
 
@@ -87,7 +89,7 @@ def _expected_key(name: str, recipe: Recipe, root: Path) -> str:
 
 def _run_stage(
     name: str, recipe: Recipe, key: str, inputs: dict[str, Path], digests: dict[str, str],
-    folder: Path, cache: Path,
+    folder: Path, cache: Path, workers: int,
 ) -> dict[str, Any]:
     tmp = folder.with_name(f".{name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,7 +97,7 @@ def _run_stage(
     cache.mkdir(parents=True, exist_ok=True)
     log.info("%-8s building -> %s", name, folder)
     started = time.time()
-    summary = STAGES[name].run(StageContext(recipe=recipe, out=tmp, inputs=inputs, cache=cache))
+    summary = STAGES[name].run(StageContext(recipe=recipe, out=tmp, inputs=inputs, cache=cache, workers=workers))
     manifest = write_manifest(
         tmp, stage=name, key=key, config=STAGES[name].settings(recipe), inputs=digests,
         summary=summary, started=started,

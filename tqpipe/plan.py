@@ -6,10 +6,12 @@ read, so recipe mistakes surface before heavy work.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from tqpipe.quant.packing import packed_words
 from tqpipe.quant.rotation import hadamard_block_size
@@ -25,7 +27,7 @@ SHARED_INPUTS = {
 @dataclass(frozen=True)
 class PlannedTensor:
     path: str  # module path, e.g. model.layers.0.self_attn.q_proj
-    shape: tuple[int, int]  # (out, in)
+    shape: tuple[int, ...]  # (out, in), or (experts, out, in) for a stack of experts
     rule: int  # index into recipe.rules
     bits: int
     group_size: int
@@ -35,13 +37,14 @@ class PlannedTensor:
 
     @property
     def params(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return math.prod(self.shape)
 
     @property
     def bytes(self) -> int:
         """Packed indices (uint32) + fp16 scales + int8 signs, exactly as pack writes them."""
-        out, n = self.shape
-        return out * packed_words(n, self.bits) * 4 + out * (n // self.group_size) * 2 + n
+        *lead, out, n = self.shape
+        rows = math.prod(lead) * out
+        return rows * packed_words(n, self.bits) * 4 + rows * (n // self.group_size) * 2 + n
 
     def to_json(self) -> dict:
         return asdict(self) | {"bytes": self.bytes}
@@ -52,8 +55,9 @@ def signs_key(path: str) -> str:
     return f"{parent}:{SHARED_INPUTS[leaf]}" if leaf in SHARED_INPUTS else f"{path}:in"
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {p: m for p, m in model.named_modules() if type(m) is nn.Linear}
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Dense linear layers and expert stacks (mlx-lm's ``SwitchLinear``, weight ``[experts, out, in]``)."""
+    return {p: m for p, m in model.named_modules() if type(m) in (nn.Linear, SwitchLinear)}
 
 
 def make_plan(recipe: Recipe, model: nn.Module) -> list[PlannedTensor]:
@@ -70,14 +74,15 @@ def make_plan(recipe: Recipe, model: nn.Module) -> list[PlannedTensor]:
             continue
         used.add(hit)
         rule = recipe.rules[hit]
-        out, n = mod.weight.shape
+        shape = tuple(mod.weight.shape)
+        n = shape[-1]
         if n % rule.group_size:
             raise RecipeError(
                 f"recipe.rules[{hit}] ({rule.pattern!r}): group_size {rule.group_size} does not "
                 f"divide the input width {n} of {path}; choose a group size that divides {n}."
             )
         plan.append(PlannedTensor(
-            path=path, shape=(out, n), rule=hit, bits=rule.bits, group_size=rule.group_size,
+            path=path, shape=shape, rule=hit, bits=rule.bits, group_size=rule.group_size,
             block=hadamard_block_size(n, recipe.rotation.max_block), signs_key=signs_key(path),
             has_bias="bias" in mod,
         ))

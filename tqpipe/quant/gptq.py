@@ -35,14 +35,18 @@ def gptq_quantize(
     method: ScaleMethod = "mse",
     damp: float = 0.01,
     block: int = 128,
+    factor: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize ``w [rows, n]`` with error feedback; returns (indices uint8, fp16 scales [rows, n/g])."""
+    """Quantize ``w [rows, n]`` with error feedback; returns (indices uint8, fp16 scales [rows, n/g]).
+
+    ``factor`` is :func:`inverse_hessian_factor`'s result, when the caller reuses it across row chunks.
+    """
     rows, n = w.shape
     if h.shape != (n, n):
         raise ValueError(f"Hessian shape {h.shape} does not match input width {n}")
     if n % group_size:
         raise ValueError(f"group size {group_size} does not divide input width {n}")
-    u, dead = inverse_hessian_factor(h, damp=damp)
+    u, dead = factor if factor is not None else inverse_hessian_factor(h, damp=damp)
     u = u.astype(np.float32)
     # work on Wᵀ so that a column of W is a contiguous row: the inner updates stay in cache
     wt = np.array(w, dtype=np.float32).T.copy()

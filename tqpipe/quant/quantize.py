@@ -1,11 +1,18 @@
-"""One entry point for quantizing a rotated weight: plain rounding or error feedback."""
+"""Entry points for quantizing weights: one rotated matrix, or a whole tensor streamed by rows."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import mlx.core as mx
 import numpy as np
 
-from tqpipe.quant.gptq import gptq_quantize
-from tqpipe.quant.scales import ScaleMethod, quantize_groups
+from tqpipe.quant.gptq import gptq_quantize, inverse_hessian_factor
+from tqpipe.quant.packing import pack_indices, packed_words
+from tqpipe.quant.rotation import rotate
+from tqpipe.quant.scales import ScaleMethod, dequantize_groups, quantize_groups
+
+CHUNK_ELEMENTS = 1 << 22  # rows are quantized in chunks of about this many weights (16 MB float32)
 
 
 def quantize_weight(
@@ -16,8 +23,84 @@ def quantize_weight(
     scale_method: ScaleMethod,
     hessian: np.ndarray | None = None,
     damp: float = 0.01,
+    factor: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(indices uint8, fp16 scales) for a rotated ``w``; GPTQ when a rotated input ``hessian`` is given."""
     if hessian is None:
         return quantize_groups(w, levels, group_size=group_size, method=scale_method)
-    return gptq_quantize(w, hessian, levels, group_size=group_size, method=scale_method, damp=damp)
+    return gptq_quantize(w, hessian, levels, group_size=group_size, method=scale_method, damp=damp,
+                         factor=factor)
+
+
+@dataclass
+class ErrorSums:
+    """Running sums for a tensor's reconstruction error, accumulated chunk by chunk."""
+
+    w2: float = 0.0  # ‖w‖²
+    d2: float = 0.0  # ‖ŵ - w‖²
+    wh: float = 0.0  # ⟨ŵ, w⟩
+    out_num: float = 0.0  # tr(ΔW H ΔWᵀ)
+    out_den: float = 0.0  # tr(W H Wᵀ)
+
+    def add(self, w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None) -> None:
+        d = w_hat - w
+        flat_w, flat_d = w.ravel(), d.ravel()
+        self.w2 += float(np.dot(flat_w, flat_w))
+        self.d2 += float(np.dot(flat_d, flat_d))
+        self.wh += float(np.dot(w_hat.ravel(), flat_w))
+        if h is not None:
+            self.out_num += float(np.sum((d @ h) * d))
+            self.out_den += float(np.sum((w @ h) * w))
+
+    def stats(self) -> dict[str, float]:
+        """``rel_mse`` = ‖ŵ-w‖²/‖w‖², ``projection`` = ⟨ŵ,w⟩/‖w‖² (1.0 = unbiased along w) and,
+        with a Hessian, ``calib_output_error`` = ‖ΔW X‖²/‖W X‖² on the calibration inputs."""
+        norm = self.w2 or 1.0
+        out = {"rel_mse": self.d2 / norm, "projection": self.wh / norm}
+        if self.out_den:
+            out["calib_output_error"] = self.out_num / self.out_den
+        return out
+
+
+@dataclass
+class QuantizedTensor:
+    packed: np.ndarray  # uint32 [..., out, words]
+    scales: np.ndarray  # float16 [..., out, in / group]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def quantize_tensor(
+    w: mx.array,
+    signs: np.ndarray,
+    block: int,
+    levels: np.ndarray,
+    *,
+    bits: int,
+    group_size: int,
+    scale_method: ScaleMethod,
+    hessian: np.ndarray | None = None,
+    damp: float = 0.01,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> QuantizedTensor:
+    """Rotate, quantize and pack an unrotated weight ``[..., out, in]`` (2-D, or 3-D expert stacks).
+
+    Rows are independent, so they are processed in chunks: memory beyond the
+    input and the packed output stays at a few times ``chunk_elements``.
+    """
+    *lead, n = w.shape
+    rows = int(np.prod(lead))
+    flat = w.reshape(rows, n)
+    s = mx.array(signs)
+    packed = np.empty((rows, packed_words(n, bits)), dtype=np.uint32)
+    scales = np.empty((rows, n // group_size), dtype=np.float16)
+    errors = ErrorSums()
+    factor = None if hessian is None else inverse_hessian_factor(hessian, damp=damp)
+    step = max(1, chunk_elements // n)
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        chunk = np.array(rotate(flat[r0:r1].astype(mx.float32), s, block))
+        idx, sc = quantize_weight(chunk, levels, group_size=group_size, scale_method=scale_method,
+                                  hessian=hessian, damp=damp, factor=factor)
+        packed[r0:r1], scales[r0:r1] = pack_indices(idx, bits), sc
+        errors.add(chunk, dequantize_groups(idx, sc, levels, group_size=group_size), hessian)
+    return QuantizedTensor(packed.reshape(*lead, -1), scales.reshape(*lead, -1), errors.stats())

@@ -40,3 +40,20 @@ def codebook_matmul_ref(
     """``x_rot @ Ŵᵀ`` by dequantizing then multiplying (reference path)."""
     w = dequantize(packed, scales, levels, bits=bits, group_size=group_size, n=x_rot.shape[-1])
     return x_rot @ w.astype(x_rot.dtype).T
+
+
+def codebook_gather_matmul_ref(
+    x_rot: mx.array, packed: mx.array, scales: mx.array, levels: mx.array, indices: mx.array,
+    *, bits: int, group_size: int, sorted_indices: bool = False,
+) -> mx.array:
+    """The expert-stack form: ``x_rot @ Ŵ[indices]ᵀ`` for packed ``[experts, out, words]``."""
+    w = dequantize(packed, scales, levels, bits=bits, group_size=group_size, n=x_rot.shape[-1])
+    return gather_matmul(x_rot, w, indices, sorted_indices=sorted_indices)
+
+
+def gather_matmul(x: mx.array, w: mx.array, indices: mx.array, *, sorted_indices: bool = False) -> mx.array:
+    """``x @ w[indices]ᵀ`` for experts ``w [experts, out, in]``, in float32 (mlx's CPU gather_mm
+    supports nothing else), returned in ``x``'s dtype."""
+    y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=indices,
+                     sorted_indices=sorted_indices)
+    return y.astype(x.dtype)

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from tqpipe.quant.packing import packed_words
 from tqpipe.quant.rotation import rotate
-from tqpipe.runtime.kernels import codebook_matmul_ref, dequantize
+from tqpipe.runtime.kernels import codebook_gather_matmul_ref, codebook_matmul_ref, dequantize, gather_matmul
 
 
 class TQLinear(nn.Module):
@@ -70,3 +70,64 @@ class RotatedLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         y = rotate(x, self.signs, self.block) @ self.weight.astype(x.dtype).T
         return y + self.bias if "bias" in self else y
+
+
+class TQSwitchLinear(nn.Module):
+    """A stack of codebook-quantized experts, in place of mlx-lm's ``SwitchLinear``.
+
+    ``weight`` is uint32 ``[experts, out, words]`` and ``scales`` float16
+    ``[experts, out, in/g]``; all experts read the same rotated input, so one
+    ``signs`` vector ``[in]`` serves the whole stack.
+    """
+
+    def __init__(
+        self, input_dims: int, output_dims: int, num_experts: int, *, bits: int, group_size: int,
+        block: int, levels: list[float], bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(levels) != 1 << bits:
+            raise ValueError(f"a {bits}-bit codebook needs {1 << bits} levels, got {len(levels)}")
+        self.input_dims, self.output_dims, self.num_experts = input_dims, output_dims, num_experts
+        self.bits, self.group_size, self.block = bits, group_size, block
+        self.weight = mx.zeros((num_experts, output_dims, packed_words(input_dims, bits)), dtype=mx.uint32)
+        self.scales = mx.zeros((num_experts, output_dims, input_dims // group_size), dtype=mx.float16)
+        self.signs = mx.ones((input_dims,), dtype=mx.int8)
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
+        self._levels = mx.array(levels, dtype=mx.float32)
+        self.freeze()
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = codebook_gather_matmul_ref(
+            rotate(x, self.signs, self.block), self.weight, self.scales, self._levels, indices,
+            bits=self.bits, group_size=self.group_size, sorted_indices=sorted_indices,
+        )
+        return y + mx.expand_dims(self.bias[indices], -2) if "bias" in self else y
+
+    def dequantized_weight(self) -> mx.array:
+        return dequantize(self.weight, self.scales, self._levels,
+                          bits=self.bits, group_size=self.group_size, n=self.input_dims)
+
+    def to_dense(self) -> "RotatedSwitchLinear":
+        return RotatedSwitchLinear(self.dequantized_weight(), self.signs, self.block,
+                                   self.bias if "bias" in self else None)
+
+    def _extra_repr(self) -> str:
+        return (f"input_dims={self.input_dims}, output_dims={self.output_dims}, "
+                f"num_experts={self.num_experts}, bits={self.bits}, group_size={self.group_size}, "
+                f"block={self.block}, bias={'bias' in self}")
+
+
+class RotatedSwitchLinear(nn.Module):
+    """Dense float experts in the rotated basis: the evaluation twin of :class:`TQSwitchLinear`."""
+
+    def __init__(self, weight: mx.array, signs: mx.array, block: int, bias: mx.array | None) -> None:
+        super().__init__()
+        self.weight, self.signs, self.block = weight, signs, block
+        if bias is not None:
+            self.bias = bias
+        self.freeze()
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = gather_matmul(rotate(x, self.signs, self.block), self.weight, indices, sorted_indices=sorted_indices)
+        return y + mx.expand_dims(self.bias[indices], -2) if "bias" in self else y

@@ -3,7 +3,7 @@
 The packed ``config.json`` has a ``tqpipe`` section naming every quantized
 module with its bits, group size, codebook and rotation block. The loader uses
 mlx-lm's own ``load_model`` and its ``get_model_classes`` hook to swap those
-modules for :class:`TQLinear` before the weights are read. No mlx-lm internals
+modules for :class:`TQLinear` (and expert stacks for :class:`TQSwitchLinear`) before the weights are read. No mlx-lm internals
 are patched.
 """
 
@@ -20,23 +20,28 @@ from mlx_lm.utils import load_tokenizer
 from mlx_lm.utils import _get_classes, load_model
 
 from tqpipe import FORMAT_VERSION
-from tqpipe.runtime.layers import TQLinear
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from tqpipe.runtime.layers import TQLinear, TQSwitchLinear
 
 
-def quantized_layers(spec: dict[str, Any], model: nn.Module) -> list[tuple[str, TQLinear]]:
-    """The :class:`TQLinear` for each module the ``tqpipe`` config section names."""
+def quantized_layers(spec: dict[str, Any], model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The quantized layer for each module the ``tqpipe`` config section names."""
     codebooks = spec["codebooks"]
     modules = dict(model.named_modules())
     layers = []
     for path, m in spec["modules"].items():
         old = modules.get(path)
-        if not isinstance(old, nn.Linear):
+        q = {"bits": m["bits"], "group_size": m["group_size"], "block": m["block"],
+             "levels": codebooks[m["codebook"]], "bias": "bias" in old} if old is not None else {}
+        if isinstance(old, nn.Linear):
+            out, n = old.weight.shape
+            layers.append((path, TQLinear(n, out, **q)))
+        elif isinstance(old, SwitchLinear):
+            experts, out, n = old.weight.shape
+            layers.append((path, TQSwitchLinear(n, out, experts, **q)))
+        else:
             raise ValueError(f"packed config names {path!r}, which is not a linear layer of this model")
-        out, n = old.weight.shape
-        layers.append((path, TQLinear(
-            n, out, bits=m["bits"], group_size=m["group_size"], block=m["block"],
-            levels=codebooks[m["codebook"]], bias="bias" in old,
-        )))
     return layers
 
 

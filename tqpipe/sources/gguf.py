@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
-from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
+
+from tqpipe.shards import ShardWriter
 
 logger = logging.getLogger(__name__)
 SHARD_BYTES = 2 << 30  # float32 bytes held before a shard is written
@@ -187,33 +188,13 @@ def _write_safetensors(out_dir: Path, tensors: list[ReaderTensor], config: dict[
     Returns the parameter count."""
     types = sorted({t.tensor_type.name for t in tensors})
     logger.info("dequantizing %d tensors (types %s) into %s", len(tensors), types, out_dir)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    held, n_params = 0, 0
-    files: list[str] = []
-    weight_map: dict[str, str] = {}
-
-    def flush() -> None:
-        name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shards[-1], str(out_dir / name), metadata={"format": "pt", "source": source.name})
-        files.append(name)
-        weight_map.update({k: name for k in shards[-1]})
-        shards.append({})
-
+    writer = ShardWriter(out_dir, shard_bytes=SHARD_BYTES, metadata={"format": "pt", "source": source.name})
+    n_params = 0
     for tensor in tqdm(tensors, desc="dequantize", unit="tensor"):
         array = _load_tensor(tensor, config)
-        shards[-1][_hf_tensor_name(tensor.name)] = array
-        held += array.nbytes
+        writer.add(_hf_tensor_name(tensor.name), array)
         n_params += array.size
-        if held >= SHARD_BYTES:
-            flush()
-            held = 0
-    if shards[-1]:
-        flush()
-    if len(files) == 1:
-        (out_dir / files[0]).rename(out_dir / "model.safetensors")
-    else:
-        _write_json(out_dir / "model.safetensors.index.json",
-                    {"metadata": {"total_size": n_params * 4}, "weight_map": weight_map})
+    writer.finish()
     return n_params
 
 

@@ -14,3 +14,4 @@ class StageContext:
     out: Path  # the folder this stage writes (temporary until the stage succeeds)
     inputs: dict[str, Path]  # finished folders of the stages named in NEEDS
     cache: Path  # shared downloads (outputs/_cache), keyed by their own content
+    workers: int = 0  # processes a stage may use; 0 = decide from cores and free memory

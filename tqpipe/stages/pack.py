@@ -1,10 +1,17 @@
-"""pack: scales, codebook indices and dense bit packing -> a loadable MLX model folder.
+"""pack: rotate, quantize and bit-pack each planned weight -> a loadable MLX model folder.
 
-Writes ``model.safetensors`` (packed quantized layers plus the kept tensors),
-``config.json`` with a ``tqpipe`` section that tells the loader everything
-(format version, codebooks, and per module: bits, group size, codebook and
-rotation block), the tokenizer files, and ``pack_report.json`` with each
-tensor's reconstruction error.
+Streams tensor by tensor: worker processes (one per core, fewer when memory
+is short) read a weight lazily from the fetched safetensors, rotate it with
+the signs from ``rotate``, quantize it in row chunks (GPTQ error feedback when
+``rotate`` wrote Hessians) and return the packed result, which is written into
+safetensors shards of bounded size. Memory therefore follows the largest
+tensor, not the model.
+
+Writes ``model.safetensors`` (or shards plus ``model.safetensors.index.json``)
+with the packed layers and the kept tensors, ``config.json`` with a ``tqpipe``
+section that tells the loader everything (format version, codebooks and, per
+module: bits, group size, codebook, rotation block), the tokenizer files, and
+``pack_report.json`` with each tensor's reconstruction error.
 """
 
 from __future__ import annotations
@@ -21,11 +28,10 @@ from tqdm import tqdm
 
 from tqpipe import FORMAT_VERSION, __version__
 from tqpipe.model_io import TOKENIZER_FILES, build_model, load_weights, read_config
-from tqpipe.quant.gptq import output_error
-from tqpipe.quant.packing import pack_indices
-from tqpipe.quant.quantize import quantize_weight
-from tqpipe.quant.scales import dequantize_groups
+from tqpipe.parallel import auto_workers, ordered_map
+from tqpipe.quant.quantize import CHUNK_ELEMENTS, quantize_tensor
 from tqpipe.recipe import Recipe
+from tqpipe.shards import ShardWriter
 from tqpipe.sources.files import link_or_copy
 from tqpipe.stages.codebook import codebook_name
 from tqpipe.stages.context import StageContext
@@ -40,76 +46,100 @@ def settings(recipe: Recipe) -> dict[str, Any]:
             "damp": recipe.calibration.damp}
 
 
-def _rotated_tensors(folder: Path) -> dict[str, Path]:
-    where = {}
-    for shard in sorted(folder.glob("rotated-*.safetensors")):
-        with safe_open(str(shard), framework="numpy") as f:
-            where.update({k: shard for k in f.keys()})
-    return where
-
-
 def _kept(arr: mx.array, dtype: str) -> mx.array:
     return arr.astype(getattr(mx, dtype)) if mx.issubdtype(arr.dtype, mx.floating) else arr
 
 
-def error_stats(w: np.ndarray, w_hat: np.ndarray) -> dict[str, float]:
-    """Relative MSE ‖ŵ-w‖²/‖w‖² and projection ⟨ŵ,w⟩/‖w‖² (1.0 = unbiased along w)."""
-    norm = float(np.sum(w.astype(np.float64) ** 2)) or 1.0
-    return {
-        "rel_mse": float(np.sum((w_hat - w).astype(np.float64) ** 2)) / norm,
-        "projection": float(np.sum(w_hat.astype(np.float64) * w)) / norm,
-    }
+# --- worker side: each worker process opens the model lazily once, then packs tensors on request
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(fetched: str, rotated: str, levels: dict[str, list[float]], scale_method: str,
+                 damp: float) -> None:
+    folder = Path(fetched)
+    _worker["weights"] = load_weights(folder, build_model(read_config(folder)))
+    with safe_open(str(Path(rotated) / "signs.safetensors"), framework="numpy") as f:
+        _worker["signs"] = {k: f.get_tensor(k) for k in f.keys()}
+    hessians = Path(rotated) / "hessians.safetensors"
+    _worker["hessians"] = hessians if hessians.exists() else None
+    _worker["levels"] = {k: np.asarray(v, dtype=np.float32) for k, v in levels.items()}
+    _worker["scale_method"], _worker["damp"] = scale_method, damp
+
+
+def _hessian(key: str) -> np.ndarray | None:
+    if _worker["hessians"] is None:
+        return None
+    with safe_open(str(_worker["hessians"]), framework="numpy") as f:
+        return f.get_tensor(key) if key in f.keys() else None
+
+
+def _pack_one(t: dict[str, Any]) -> tuple[str, Any]:
+    # pop: once evaluated, an array kept in the dict would hold its data for the worker's lifetime
+    w = _worker["weights"].pop(f"{t['path']}.weight")
+    q = quantize_tensor(
+        w, _worker["signs"][t["signs_key"]], t["block"], _worker["levels"][t["codebook"]],
+        bits=t["bits"], group_size=t["group_size"], scale_method=_worker["scale_method"],
+        hessian=_hessian(t["signs_key"]), damp=_worker["damp"],
+    )
+    return t["path"], q
+
+
+# --- main side
+
+
+def _worker_bytes(plan: list[dict[str, Any]], weights: dict[str, mx.array]) -> int:
+    """Memory one worker needs: its largest source tensor, its packed output and the chunk temporaries."""
+    largest = max(weights[f"{t['path']}.weight"].nbytes for t in plan)
+    return 2 * largest + 24 * CHUNK_ELEMENTS + (256 << 20)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     recipe = ctx.recipe
     fetched, rotated = ctx.inputs["fetch"], ctx.inputs["rotate"]
     plan_file = json.loads((rotated / "plan.json").read_text())
-    plan = plan_file["tensors"]
     books = json.loads((ctx.inputs["codebook"] / "codebooks.json").read_text())
+    plan = [t | {"codebook": codebook_name(recipe.codebook.kind, t["bits"])} for t in plan_file["tensors"]]
     config = read_config(fetched)
     model = build_model(config)
-    weights = load_weights(fetched, model)
-    where = _rotated_tensors(rotated)
+    weights = load_weights(fetched, model)  # lazy: nothing is read yet
+    castable = getattr(model, "cast_predicate", lambda name: True)  # e.g. Nemotron-H keeps A_log as stored
     with safe_open(str(rotated / "signs.safetensors"), framework="numpy") as f:
         signs = {k: f.get_tensor(k) for k in f.keys()}
-    hessians = {}
-    if (rotated / "hessians.safetensors").exists():
-        with safe_open(str(rotated / "hessians.safetensors"), framework="numpy") as f:
-            hessians = {k: f.get_tensor(k) for k in f.keys()}
 
-    out: dict[str, mx.array] = {}
+    workers = auto_workers(_worker_bytes(plan, weights), requested=ctx.workers)
+    log.info("pack: %d tensors with %d worker process(es)", len(plan), workers)
+    writer = ShardWriter(ctx.out)
     modules, report = {}, []
-    for t in tqdm(plan, desc="pack", unit="tensor"):
-        path, bits, g = t["path"], t["bits"], t["group_size"]
-        book = codebook_name(recipe.codebook.kind, bits)
-        levels = np.asarray(books[book]["levels"], dtype=np.float32)
-        with safe_open(str(where[path]), framework="numpy") as f:
-            w = f.get_tensor(path)
-        h = hessians.get(t["signs_key"])
-        idx, scales = quantize_weight(w, levels, group_size=g, scale_method=recipe.codebook.scale_method,
-                                      hessian=h, damp=recipe.calibration.damp)
-        out[f"{path}.weight"] = mx.array(pack_indices(idx, bits))
-        out[f"{path}.scales"] = mx.array(scales)
-        out[f"{path}.signs"] = mx.array(signs[t["signs_key"]])
-        if f"{path}.bias" in weights:
-            out[f"{path}.bias"] = _kept(weights[f"{path}.bias"], recipe.kept_dtype)
-        modules[path] = {"bits": bits, "group_size": g, "codebook": book, "block": t["block"]}
-        w_hat = dequantize_groups(idx, scales, levels, group_size=g)
-        stats = error_stats(w, w_hat) | ({} if h is None else {"calib_output_error": output_error(w, w_hat, h)})
-        report.append({"path": path, "bits": bits, "group_size": g} | stats)
-
-    for name, arr in weights.items():
-        if name.rpartition(".")[0] not in modules:
-            out[name] = _kept(arr, recipe.kept_dtype)
-    # mlx's own safetensors writer: it handles bfloat16, which numpy cannot hold
-    mx.save_safetensors(str(ctx.out / "model.safetensors"), out, metadata={"format": "mlx"})
+    by_path = {t["path"]: t for t in plan}
+    levels = {name: b["levels"] for name, b in books.items()}
+    results = ordered_map(
+        _pack_one, plan, workers=workers, initializer=_init_worker,
+        initargs=(str(fetched), str(rotated), levels, recipe.codebook.scale_method, recipe.calibration.damp),
+    )
+    with tqdm(total=sum(int(np.prod(t["shape"])) for t in plan), desc="pack", unit="w", unit_scale=True) as bar:
+        for path, q in results:
+            t = by_path[path]
+            weights.pop(f"{path}.weight")
+            writer.add(f"{path}.weight", q.packed)
+            writer.add(f"{path}.scales", q.scales)
+            writer.add(f"{path}.signs", signs[t["signs_key"]])
+            if f"{path}.bias" in weights:
+                writer.add(f"{path}.bias", _kept(weights.pop(f"{path}.bias"), recipe.kept_dtype))
+            modules[path] = {"bits": t["bits"], "group_size": t["group_size"], "codebook": t["codebook"],
+                             "block": t["block"]}
+            report.append({"path": path, "bits": t["bits"], "group_size": t["group_size"]} | q.stats)
+            bar.update(int(np.prod(t["shape"])))
+    for name in sorted(weights):  # the kept tensors, still lazy: each shard evaluates what it holds
+        arr = weights.pop(name)
+        writer.add(name, _kept(arr, recipe.kept_dtype) if castable(name) else arr)
+    files = writer.finish()
 
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["tqpipe"] = {
         "format_version": FORMAT_VERSION,
         "tqpipe_version": __version__,
-        "codebooks": {name: b["levels"] for name, b in books.items()},
+        "codebooks": levels,
         "kept_dtype": recipe.kept_dtype,
         "modules": modules,
     }
@@ -119,5 +149,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
             link_or_copy(fetched / name, ctx.out / name)
     (ctx.out / "pack_report.json").write_text(json.dumps({"plan": plan_file["summary"], "tensors": report}, indent=1))
     errs = np.array([r["rel_mse"] for r in report])
-    return {"tensors": len(report), "mean_rel_mse": float(errs.mean()), "max_rel_mse": float(errs.max()),
+    return {"tensors": len(report), "shards": len(files), "workers": workers,
+            "mean_rel_mse": float(errs.mean()), "max_rel_mse": float(errs.max()),
             "calibration": recipe.calibration.mode}

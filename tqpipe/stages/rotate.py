@@ -1,10 +1,11 @@
-"""rotate: plan the model, then rotate each planned weight along its input dimension.
+"""rotate: plan the model and fix every rotation, without reading a weight.
 
 Writes ``plan.json`` (every quantized tensor with its rule, bits, group, block
-and bytes), ``signs.safetensors`` (one ±1 vector per shared input) and
-``rotated-*.safetensors`` (float32 rotated weights, in shards of bounded size).
-In the ``gptq`` calibration mode it also writes ``hessians.safetensors``: the
-rotated second moment ``R H Rᵀ`` of each shared input, from calibration text.
+and bytes) and ``signs.safetensors`` (one ±1 vector per shared input: with the
+Hadamard block, that *is* the rotation). In the ``gptq`` calibration mode it
+also writes ``hessians.safetensors``: the rotated second moment ``R H Rᵀ`` of
+each shared input, from calibration text. ``pack`` applies the rotations as it
+streams the weights, so no rotated copy of the model is ever stored.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from tqpipe.model_io import build_model, load_weights, read_config
+from tqpipe.model_io import build_model, read_config
 from tqpipe.plan import PlannedTensor, make_plan
-from tqpipe.quant.rotation import random_signs, rotate
+from tqpipe.quant.rotation import random_signs
 from tqpipe.recipe import Recipe
 from tqpipe.stages.context import StageContext
 
 log = logging.getLogger(__name__)
 
 NEEDS = ("fetch",)
-SHARD_BYTES = 1 << 30
 
 
 def settings(recipe: Recipe) -> dict[str, Any]:
@@ -52,7 +52,8 @@ def calibrate(recipe: Recipe, fetched: Path, plan: list[PlannedTensor],
     model, tokenizer = load_unquantized(str(fetched))
     model.set_dtype(mx.float32)
     windows = token_windows(tokenizer, c.text, tokens=c.tokens, context=c.context, split="calibrate")
-    with InputMoments(model, {t.path: t.signs_key for t in plan}) as moments:
+    dense = {t.path: t.signs_key for t in plan if len(t.shape) == 2}  # expert stacks: no moments yet
+    with InputMoments(model, dense) as moments:
         moments.run(tqdm(windows, desc="calibrate", unit="window"))
     blocks = {t.signs_key: t.block for t in plan}
     log.info("calibration: input moments of %d shared inputs over %d tokens", len(moments.store), moments.tokens)
@@ -74,24 +75,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     log.info("plan: %d tensors, %.3f bits/weight on quantized layers", summary["tensors"], summary["bits_per_weight"])
     (ctx.out / "plan.json").write_text(json.dumps({"summary": summary, "tensors": [t.to_json() for t in plan]}, indent=1))
 
-    weights = load_weights(fetched, model)
-    signs: dict[str, np.ndarray] = {}
-    shard: dict[str, np.ndarray] = {}
-    shard_no, shard_size = 0, 0
-    for t in tqdm(plan, desc="rotate", unit="tensor"):
-        if t.signs_key not in signs:
-            signs[t.signs_key] = random_signs(t.shape[1], seed=ctx.recipe.rotation.seed, key=t.signs_key)
-        w = weights[f"{t.path}.weight"].astype(mx.float32)
-        shard[t.path] = np.array(rotate(w, mx.array(signs[t.signs_key]), t.block))
-        shard_size += shard[t.path].nbytes
-        if shard_size >= SHARD_BYTES:
-            shard_no += 1
-            save_file(shard, str(ctx.out / f"rotated-{shard_no:05d}.safetensors"))
-            shard, shard_size = {}, 0
-    if shard:
-        shard_no += 1
-        save_file(shard, str(ctx.out / f"rotated-{shard_no:05d}.safetensors"))
+    signs = {t.signs_key: random_signs(t.shape[-1], seed=ctx.recipe.rotation.seed, key=t.signs_key) for t in plan}
     save_file(signs, str(ctx.out / "signs.safetensors"))
     if ctx.recipe.calibration.mode == "gptq":
         save_file(calibrate(ctx.recipe, fetched, plan, signs), str(ctx.out / "hessians.safetensors"))
-    return summary | {"shards": shard_no, "sign_vectors": len(signs), "calibration": ctx.recipe.calibration.mode}
+    return summary | {"sign_vectors": len(signs), "calibration": ctx.recipe.calibration.mode}

@@ -32,7 +32,7 @@ from tqpipe.eval.layer_error import layer_errors, plot_layer_errors
 from tqpipe.eval.texts import token_windows
 from tqpipe.plan import signs_key
 from tqpipe.recipe import Recipe
-from tqpipe.runtime.layers import RotatedLinear, TQLinear
+from tqpipe.runtime.layers import RotatedLinear, TQLinear, TQSwitchLinear
 from tqpipe.stages.context import StageContext
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def to_dense_twin(model: nn.Module) -> int:
-    """Replace every TQLinear by its dequantized float32 twin, in place; returns how many."""
-    swaps = [(p, m.to_dense()) for p, m in model.named_modules() if isinstance(m, TQLinear)]
+    """Replace every quantized layer by its dequantized float32 twin, in place; returns how many."""
+    swaps = [(p, m.to_dense()) for p, m in model.named_modules() if isinstance(m, (TQLinear, TQSwitchLinear))]
     model.update_modules(tree_unflatten(swaps))
     mx.eval(model.parameters())
     return len(swaps)
