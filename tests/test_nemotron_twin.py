@@ -19,7 +19,7 @@ from tqpipe.engine import build
 from tqpipe.quant.packing import packed_words
 from tqpipe.recipe import Recipe
 from tqpipe.runtime.layers import TQLinear, TQSwitchLinear
-from tqpipe.synthetic import hf_tensor_shapes
+from tqpipe.model_io import hf_tensor_shapes
 
 from conftest import NEMOTRON_TWIN, SUPER_CONFIG
 
@@ -103,3 +103,37 @@ def test_super_config_tensor_list():
     total = sum(math.prod(s) for s in shapes.values())
     assert 120e9 < total < 125e9
     mx.clear_cache()
+
+
+def test_predicted_size_equals_every_byte_pack_writes(twin_build):
+    """Quantized and kept tensors alike: the plan's total is the tensor data pack writes."""
+    plan = json.loads((twin_build / "rotate" / "plan.json").read_text())
+    from tqpipe.sources.shapes import DTYPE_BYTES
+
+    written = 0
+    for f in (twin_build / "pack").glob("*.safetensors"):
+        with safe_open(str(f), framework="numpy") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                written += math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
+    assert written == plan["summary"]["total_bytes"]
+    assert plan["dropped"]["roots"] == ["mtp"] and plan["dropped"]["params"] > 0
+
+
+def test_flagship_plan_offline_from_the_real_config(tmp_path):
+    """`tqpipe recipe=nemotron_super_tq3a_tq2e_g32 plan_only=true` with no network: the 120B plan."""
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("tqpipe")
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TQPIPE_OUTPUTS": str(tmp_path)}
+    proc = subprocess.run([str(exe), f"recipe={FLAGSHIP}", "plan_only=true"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "backbone.layers.*.mixer.switch_mlp.fc1" in out and "backbone.layers.*.mixer.q_proj" in out
+    assert "dropped: 2.94B params (mtp.*)" in out
+    # 3-bit attention and 2-bit everything else at g32 over 119.5 B params: about 40 GB, not the seed's 36
+    assert "predicted size: 39.70 GB = 36.98 GiB" in out
+    assert not any(tmp_path.glob(f"{FLAGSHIP}/*/manifest.json"))  # nothing was built

@@ -3,6 +3,7 @@
     tqpipe                                   # the default recipe, all stages
     tqpipe recipe=smollm2_135m_tq3a_tq2e_g32 stages=[validate,publish]
     tqpipe force=[pack]                      # rebuild pack (and what follows) even if unchanged
+    tqpipe recipe=nemotron_super_tq3a_tq2e_g32 plan_only=true   # print the plan from shapes, build nothing
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqpipe.recipe import Recipe, RecipeError
 from tqpipe.sources.files import SourceError
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = str(ROOT / "conf")
 log = logging.getLogger("tqpipe")
+# recipes can name files that ship with them: ${tqpipe_root:}/recipes/model_configs/...
+OmegaConf.register_new_resolver("tqpipe_root", lambda: str(ROOT), replace=True)
 
 
 def run(
@@ -61,11 +65,34 @@ def format_summary(summary: dict[str, Any], outputs: Path) -> str:
     return "\n".join(lines)
 
 
+def show_plan(recipe: Recipe, outputs: Path, *, required: bool) -> None:
+    """Print the plan from the best shape source there is; without ``required``, quietly skip
+    sources that need a download first (GGUF) or a network that isn't there."""
+    from tqpipe.plan import format_plan, plan_report
+    from tqpipe.sources.shapes import inventory
+
+    try:
+        inv = inventory(recipe, outputs / recipe.name / "fetch")
+    except SourceError:
+        if required:
+            raise
+        return
+    if inv is None:
+        if required:
+            raise SourceError(f"recipe.model is a {recipe.model.kind} source: its shapes are known only after "
+                              f"fetch; run `tqpipe recipe={recipe.name} stages=[fetch]` first.")
+        return
+    print(format_plan(plan_report(recipe, inv), recipe.name), flush=True)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         recipe = Recipe.from_config(OmegaConf.to_container(cfg.recipe, resolve=True))
         outputs = Path(cfg.outputs)
+        show_plan(recipe, outputs, required=bool(cfg.plan_only))
+        if cfg.plan_only:
+            return
         summary = run(recipe, outputs=outputs, stages=list(cfg.stages), force=list(cfg.force),
                       cache=Path(cfg.cache), workers=int(cfg.workers))
     except (RecipeError, SourceError) as e:

@@ -29,6 +29,14 @@ class HubSource(_Strict):
     kind: Literal["hub"]
     repo: str  # Hugging Face repo id, e.g. "HuggingFaceTB/SmolLM2-135M-Instruct"
     revision: str = "main"  # branch, tag or commit sha
+    config: Path | None = None  # a local copy of the repo's config.json: plans offline, from shapes alone
+
+    @field_validator("config")
+    @classmethod
+    def _config_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"config file {v} does not exist")
+        return v
 
 
 class LocalSource(_Strict):
@@ -55,19 +63,35 @@ ModelSource = Annotated[
 
 
 # --- quantization ------------------------------------------------------------
+Bits = Union[Annotated[int, Field(ge=1, le=8)], Literal["keep"]]
+
+
+def _check_regex(v: str) -> str:
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise ValueError(f"regex {v!r} does not compile: {e}") from e
+    return v
+
+
 class Rule(_Strict):
     pattern: str  # regex searched in the module path, e.g. "self_attn\\.(q|k|v|o)_proj$"
-    bits: Annotated[int, Field(ge=1, le=8)]  # codebook index width
+    bits: Bits  # codebook index width 1..8, or "keep": leave the module unquantized
     group_size: Literal[32, 64, 128] = 32  # input elements sharing one fp16 scale
+    optional: bool = False  # true: matching no module is fine (a rule shared by several models)
 
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"regex {v!r} does not compile: {e}") from e
-        return v
+    _compiles = field_validator("pattern")(_check_regex)
+
+
+class Protect(_Strict):
+    """Modules that override the rules: by regex, by block index, or both."""
+
+    pattern: str = "."  # regex searched in the module path (default: any module)
+    layers: list[int] = []  # block indices in `*.layers.N.*` paths; negative counts from the end (-1: last)
+    bits: Bits = "keep"  # "keep": unquantized (kept_dtype); or more bits than the rules give
+    group_size: Literal[32, 64, 128] = 32
+
+    _compiles = field_validator("pattern")(_check_regex)
 
 
 class Rotation(_Strict):
@@ -113,7 +137,7 @@ class Recipe(_Strict):
     description: str = ""
     model: ModelSource
     rules: list[Rule]  # ordered; the first rule whose pattern matches a module wins
-    protected: list[str] = []  # regexes of modules kept unquantized (checked before rules)
+    protected: list[Protect] = []  # checked before the rules; a plain string is a regex of modules kept
     kept_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # unquantized tensors
     rotation: Rotation = Rotation()
     codebook: Codebook = Codebook()
@@ -123,15 +147,14 @@ class Recipe(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    @field_validator("protected")
+    @field_validator("protected", mode="before")
     @classmethod
-    def _protected_compile(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"regex {p!r} does not compile: {e}") from e
-        return v
+    def _plain_regex_is_kept(cls, v: Any) -> Any:
+        return [{"pattern": p} if isinstance(p, str) else p for p in v] if isinstance(v, list) else v
+
+    def quantized_bits(self) -> list[int]:
+        """Every bit width a rule or a protection asks for."""
+        return sorted({x.bits for x in [*self.rules, *self.protected] if x.bits != "keep"})
 
     @field_validator("name")
     @classmethod

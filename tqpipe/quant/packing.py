@@ -17,7 +17,12 @@ def packed_words(n: int, bits: int) -> int:
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
-    """Pack ``[rows, n]`` integer indices (< 2**bits) into ``[rows, words]`` uint32."""
+    """Pack ``[rows, n]`` integer indices (< 2**bits) into ``[rows, words]`` uint32.
+
+    Every 32 indices fill exactly ``bits`` words, so the stream is built 32
+    indices at a time: index ``k`` of a block lands at bit ``k·bits`` of the
+    block, spilling into the next word when it straddles a boundary.
+    """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     idx = np.asarray(indices)
@@ -25,10 +30,17 @@ def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
         raise ValueError(f"an index does not fit in {bits} bits")
     rows, n = idx.shape
     words = packed_words(n, bits)
-    stream = ((idx[..., None].astype(np.uint8) >> np.arange(bits, dtype=np.uint8)) & 1).reshape(rows, n * bits)
-    stream = np.pad(stream, ((0, 0), (0, words * 32 - n * bits)))
-    packed = np.packbits(stream, axis=-1, bitorder="little")
-    return np.ascontiguousarray(packed).view("<u4").astype(np.uint32)
+    blocks = -(-n // 32)
+    if blocks * 32 != n:
+        idx = np.pad(idx, ((0, 0), (0, blocks * 32 - n)))
+    idx = idx.reshape(rows, blocks, 32).astype(np.uint32)
+    out = np.zeros((rows, blocks, bits), dtype=np.uint32)
+    for k in range(32):
+        word, off = divmod(k * bits, 32)
+        out[:, :, word] |= idx[:, :, k] << np.uint32(off)
+        if off + bits > 32:
+            out[:, :, word + 1] |= idx[:, :, k] >> np.uint32(32 - off)
+    return out.reshape(rows, blocks * bits)[:, :words].copy()
 
 
 def unpack_indices(packed: np.ndarray, bits: int, n: int) -> np.ndarray:

@@ -13,7 +13,7 @@ NEEDS = ("rotate",)
 
 
 def settings(recipe: Recipe) -> dict[str, Any]:
-    return {"kind": recipe.codebook.kind, "bits": sorted({r.bits for r in recipe.rules})}
+    return {"kind": recipe.codebook.kind, "bits": recipe.quantized_bits()}
 
 
 def codebook_name(kind: str, bits: int) -> str:

@@ -1,7 +1,8 @@
 """rotate: plan the model and fix every rotation, without reading a weight.
 
 Writes ``plan.json`` (every quantized tensor with its rule, bits, group, block
-and bytes) and ``signs.safetensors`` (one ±1 vector per shared input: with the
+and bytes; kept and dropped tensors; totals per module class; the predicted
+size, which pack's output matches to the byte) and ``signs.safetensors`` (one ±1 vector per shared input: with the
 Hadamard block, that *is* the rotation). In the ``gptq`` calibration mode it
 also writes ``hessians.safetensors``: the rotated second moment ``R H Rᵀ`` of
 each shared input, from calibration text. ``pack`` applies the rotations as it
@@ -20,10 +21,10 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from tqpipe.model_io import build_model, read_config
-from tqpipe.plan import PlannedTensor, make_plan
+from tqpipe.plan import PlannedTensor, format_plan, plan_report
 from tqpipe.quant.rotation import random_signs
 from tqpipe.recipe import Recipe
+from tqpipe.sources.shapes import from_folder
 from tqpipe.stages.context import StageContext
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ NEEDS = ("fetch",)
 def settings(recipe: Recipe) -> dict[str, Any]:
     return {
         "rules": [r.model_dump() for r in recipe.rules],
-        "protected": recipe.protected,
+        "protected": [p.model_dump() for p in recipe.protected],
         "rotation": recipe.rotation.model_dump(),
         "calibration": recipe.calibration.model_dump(exclude={"damp"}),
     }
@@ -61,22 +62,16 @@ def calibrate(recipe: Recipe, fetched: Path, plan: list[PlannedTensor],
             for k, h in moments.store.items()}
 
 
-def plan_summary(plan: list[PlannedTensor]) -> dict[str, Any]:
-    params = sum(t.params for t in plan)
-    size = sum(t.bytes for t in plan)
-    return {"tensors": len(plan), "params": params, "bytes": size, "bits_per_weight": 8 * size / max(params, 1)}
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     fetched = ctx.inputs["fetch"]
-    model = build_model(read_config(fetched))
-    plan = make_plan(ctx.recipe, model)
-    summary = plan_summary(plan)
-    log.info("plan: %d tensors, %.3f bits/weight on quantized layers", summary["tensors"], summary["bits_per_weight"])
-    (ctx.out / "plan.json").write_text(json.dumps({"summary": summary, "tensors": [t.to_json() for t in plan]}, indent=1))
-
+    report = plan_report(ctx.recipe, from_folder(fetched))
+    log.info("%s", format_plan(report, ctx.recipe.name))
+    (ctx.out / "plan.json").write_text(json.dumps(report, indent=1))
+    plan = [PlannedTensor.from_json(t) for t in report["tensors"]]
     signs = {t.signs_key: random_signs(t.shape[-1], seed=ctx.recipe.rotation.seed, key=t.signs_key) for t in plan}
     save_file(signs, str(ctx.out / "signs.safetensors"))
     if ctx.recipe.calibration.mode == "gptq":
         save_file(calibrate(ctx.recipe, fetched, plan, signs), str(ctx.out / "hessians.safetensors"))
-    return summary | {"sign_vectors": len(signs), "calibration": ctx.recipe.calibration.mode}
+    keep = ("tensors", "params", "bytes", "bits_per_weight", "total_bytes", "total_gb")
+    return {k: report["summary"][k] for k in keep} | {"sign_vectors": len(signs),
+                                                       "calibration": ctx.recipe.calibration.mode}

@@ -1,0 +1,141 @@
+"""Build speed: tqpipe's pack against ``mlx_lm.convert -q`` at the same bits per weight.
+
+Both convert the same unquantized model folder, one after the other, in one
+run, each as a fresh process whose whole process tree is sampled for peak
+RSS. tqpipe b-bit group 32 costs b + 0.5 bits/weight, as does mlx affine
+b-bit group 64 (fp16 scale and bias per 64), so those are compared. tqpipe
+runs fetch → rotate → codebook → pack, once data-free (``calibration.mode=none``)
+and, with ``--gptq``, also in the default random-token GPTQ mode.
+
+    python bench/pack_speed.py                              # SmolLM2-135M (float32 source), 2/3/4 bits
+    python bench/pack_speed.py --synthetic-llama 1.2        # a random ~1.2 B llama in bfloat16
+    python bench/pack_speed.py --model-dir path/to/hf --bits 3
+
+Writes outputs/bench/pack_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tqpipe  # noqa: E402,F401  (fast BLAS before mlx)
+
+from measure import env_with, run_measured  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def smollm2_folder() -> Path:
+    from omegaconf import OmegaConf
+
+    from tqpipe.engine import build
+    from tqpipe.recipe import Recipe
+
+    base = OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "_smollm2_135m.yaml"))
+    recipe = Recipe.from_config({"name": "bench_smollm2_135m", "model": base["model"],
+                                 "rules": [{"pattern": "proj", "bits": 4}]})
+    build(recipe, outputs=ROOT / "outputs", stages=["fetch"])
+    return ROOT / "outputs" / "bench_smollm2_135m" / "fetch"
+
+
+def synthetic_llama(billions: float, folder: Path) -> Path:
+    """A random llama (hidden 2048, MLP 8192, 32 heads) with as many layers as reach ``billions``."""
+    from tqpipe.synthetic import write_checkpoint
+
+    per_layer = 4 * 2048 * 2048 + 3 * 2048 * 8192
+    layers = max(1, round((billions * 1e9 - 2 * 32000 * 2048) / per_layer))
+    config = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": layers,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "vocab_size": 32000,
+              "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False}
+    write_checkpoint(folder, config, noise_pool=1 << 26)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, default=None, help="HF folder (default: SmolLM2-135M from PyPI)")
+    ap.add_argument("--synthetic-llama", type=float, default=None, metavar="BILLIONS",
+                    help="use a random llama of about this many billion parameters instead")
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--gptq", action="store_true", help="also time tqpipe's default GPTQ mode")
+    ap.add_argument("--workers", type=int, default=0, help="tqpipe pack workers (0: automatic)")
+    args = ap.parse_args()
+
+    work = ROOT / "outputs" / "bench" / "pack_speed_work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if args.synthetic_llama:
+        model, label = synthetic_llama(args.synthetic_llama, work / "model"), f"random llama ~{args.synthetic_llama} B (bf16)"
+    else:
+        model = args.model_dir or smollm2_folder()
+        label = str(args.model_dir) if args.model_dir else "SmolLM2-135M-Instruct (float32 safetensors from the GGUF)"
+    config = json.loads((model / "config.json").read_text())
+    source_gb = folder_bytes(model) / 1e9
+
+    rows = []
+    for bits in args.bits:
+        out = work / f"mlx_{bits}"
+        m = run_measured([str(BIN / "python"), "-m", "mlx_lm", "convert", "--hf-path", str(model),
+                          "--mlx-path", str(out), "-q", "--q-bits", str(bits), "--q-group-size", "64"],
+                         log=work / f"mlx_{bits}.log")
+        if m.returncode:
+            raise SystemExit(f"mlx_lm.convert failed:\n{m.output[-3000:]}")
+        rows.append({"tool": "mlx_lm.convert -q", "scheme": f"affine {bits}-bit g64", "bits": bits,
+                     "bpw": bits + 0.5, "seconds": m.seconds, "pack_seconds": None,
+                     "peak_tree_rss_gb": m.peak_tree_rss_gb, "out_gb": folder_bytes(out) / 1e9})
+        shutil.rmtree(out, ignore_errors=True)
+        for mode in ["none"] + (["gptq"] if args.gptq else []):
+            outputs = work / f"tq_{bits}_{mode}"
+            cmd = [str(BIN / "tqpipe"), "recipe=smollm2_135m_tq3_g32", "recipe.name=speed",
+                   "~recipe.model", f"+recipe.model={{kind:local,path:'{model}'}}",
+                   f"recipe.rules.0.bits={bits}", "recipe.rules.0.pattern=_proj$",
+                   f"recipe.calibration.mode={mode}", "stages=[fetch,rotate,codebook,pack]",
+                   f"workers={args.workers}", f"hydra.run.dir={outputs}/logs"]
+            m = run_measured(cmd, env=env_with(TQPIPE_OUTPUTS=str(outputs)), log=work / f"tq_{bits}_{mode}.log")
+            if m.returncode:
+                raise SystemExit(f"tqpipe failed:\n{m.output[-3000:]}")
+            pack = json.loads((outputs / "speed" / "pack" / "manifest.json").read_text())
+            rows.append({"tool": "tqpipe", "scheme": f"tq {bits}-bit g32, calibration {mode}", "bits": bits,
+                         "bpw": bits + 0.5, "seconds": m.seconds, "pack_seconds": pack["seconds"],
+                         "workers": pack["summary"]["workers"], "peak_tree_rss_gb": m.peak_tree_rss_gb,
+                         "out_gb": folder_bytes(outputs / "speed" / "pack") / 1e9})
+            shutil.rmtree(outputs, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+    for r in rows:
+        base = next(x for x in rows if x["tool"] != "tqpipe" and x["bits"] == r["bits"])
+        r["speed_vs_mlx"] = base["seconds"] / r["seconds"]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    result = {"model": label, "model_type": config.get("model_type"), "source_gb": source_gb, "machine": machine,
+              "rows": rows}
+    dest = ROOT / "outputs" / "bench"
+    (dest / "pack_speed.json").write_text(json.dumps(result, indent=2))
+    md = [f"# Build speed on {label}, {source_gb:.2f} GB source ({machine})", "",
+          "Wall time of the whole command (process start to exit); tqpipe's includes fetch (hard links), "
+          "the plan and pack, whose own time is in the next column.", "",
+          "| tool | scheme | bits/weight | wall s | pack s | throughput vs mlx_lm | peak RSS (GB) | output GB |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pack = f"{r['pack_seconds']:.1f}" if r["pack_seconds"] is not None else "—"
+        md.append(f"| {r['tool']} | {r['scheme']} | {r['bpw']} | {r['seconds']:.1f} | {pack} | "
+                  f"{r['speed_vs_mlx']:.2f}× | {r['peak_tree_rss_gb'] * 2**30 / 1e9:.2f} | {r['out_gb']:.3f} |")
+    (dest / "pack_speed.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
