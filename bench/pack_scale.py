@@ -32,7 +32,7 @@ import tqpipe  # noqa: E402,F401  (fast BLAS before mlx)
 from measure import env_with, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SUPER = ROOT.parent / "shared" / "nemotron_super_120b_config.json"
+SUPER = ROOT / "recipes" / "model_configs" / "nemotron_super_120b.json"
 RECIPE = "nemotron_super_tq3a_tq2e_g32"
 
 

@@ -49,15 +49,22 @@ def smollm2_folder() -> Path:
 
 
 def synthetic_llama(billions: float, folder: Path) -> Path:
-    """A random llama (hidden 2048, MLP 8192, 32 heads) with as many layers as reach ``billions``."""
+    """A random llama (hidden 2048, MLP 8192, 32 heads, SmolLM2's tokenizer) with as many layers as
+    reach ``billions``."""
+    from tqpipe.model_io import TOKENIZER_FILES
     from tqpipe.synthetic import write_checkpoint
 
+    vocab = 49152
     per_layer = 4 * 2048 * 2048 + 3 * 2048 * 8192
-    layers = max(1, round((billions * 1e9 - 2 * 32000 * 2048) / per_layer))
+    layers = max(1, round((billions * 1e9 - 2 * vocab * 2048) / per_layer))
     config = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": layers,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "vocab_size": 32000,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "vocab_size": vocab,
               "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False}
     write_checkpoint(folder, config, noise_pool=1 << 26)
+    tokenizer = smollm2_folder()
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).exists():
+            shutil.copy(tokenizer / name, folder / name)
     return folder
 
 
@@ -102,7 +109,7 @@ def main() -> None:
             outputs = work / f"tq_{bits}_{mode}"
             cmd = [str(BIN / "tqpipe"), "recipe=smollm2_135m_tq3_g32", "recipe.name=speed",
                    "~recipe.model", f"+recipe.model={{kind:local,path:'{model}'}}",
-                   f"recipe.rules.0.bits={bits}", "recipe.rules.0.pattern=_proj$",
+                   f"recipe.rules.0.bits={bits}", "recipe.rules.0.pattern='(_proj|lm_head)$'",
                    f"recipe.calibration.mode={mode}", "stages=[fetch,rotate,codebook,pack]",
                    f"workers={args.workers}", f"hydra.run.dir={outputs}/logs"]
             m = run_measured(cmd, env=env_with(TQPIPE_OUTPUTS=str(outputs)), log=work / f"tq_{bits}_{mode}.log")
@@ -126,7 +133,8 @@ def main() -> None:
     (dest / "pack_speed.json").write_text(json.dumps(result, indent=2))
     md = [f"# Build speed on {label}, {source_gb:.2f} GB source ({machine})", "",
           "Wall time of the whole command (process start to exit); tqpipe's includes fetch (hard links), "
-          "the plan and pack, whose own time is in the next column.", "",
+          "the plan and pack, whose own time is in the next column. Both quantize every linear layer "
+          "including lm_head; mlx_lm also quantizes the input embedding, which tqpipe keeps in float16.", "",
           "| tool | scheme | bits/weight | wall s | pack s | throughput vs mlx_lm | peak RSS (GB) | output GB |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -36,7 +36,7 @@ from tqpipe.calibration import InputMoments, rotated_moment
 from tqpipe.eval.stats import summarize, token_stats
 from tqpipe.eval.texts import token_windows
 from tqpipe.plan import linear_modules, signs_key
-from tqpipe.quant.codebook import lloyd_max_gaussian
+from tqpipe.quant.codebook import gaussian_mse, lloyd_max_gaussian
 from tqpipe.quant.quantize import quantize_weight
 from tqpipe.quant.rotation import hadamard_block_size, random_signs, rotate
 from tqpipe.quant.scales import dequantize_groups
@@ -67,17 +67,61 @@ def affine_layer(lin: nn.Linear, bits: int, group: int) -> nn.Linear:
 
 
 def turboquant_layer(lin: nn.Linear, path: str, bits: int, group: int, method: str,
-                     hessians: dict[str, np.ndarray] | None) -> RotatedLinear:
+                     hessians: dict[str, np.ndarray] | None, *, levels: np.ndarray | None = None,
+                     rotated: bool = True, keep_cols: np.ndarray | None = None) -> RotatedLinear:
+    """Fake-quantize one layer. Candidate options: other ``levels``, no rotation (``rotated=False``),
+    and input columns ``keep_cols`` (unrotated basis) kept exact in fp16 while the rest is quantized."""
     w = lin.weight.astype(mx.float32)
     n = w.shape[1]
-    key, block = signs_key(path), hadamard_block_size(n)
-    signs = mx.array(random_signs(n, seed=0, key=key))
+    key = signs_key(path)
+    block = hadamard_block_size(n) if rotated else 1
+    signs = mx.array(random_signs(n, seed=0, key=key) if rotated else np.ones(n, dtype=np.int8))
+    kept = mx.zeros_like(w)
+    if keep_cols is not None:
+        mask = np.zeros(n, dtype=np.float32)
+        mask[keep_cols] = 1.0
+        kept, w = w * mx.array(mask), w * mx.array(1.0 - mask)
     w_rot = np.array(rotate(w, signs, block))
-    levels = lloyd_max_gaussian(bits)
-    h = None if hessians is None else hessians.get(key)
+    levels = lloyd_max_gaussian(bits) if levels is None else levels
+    h = None if hessians is None or not rotated else hessians.get(key)
     idx, s = quantize_weight(w_rot, levels, group_size=group, scale_method=method, hessian=h)
-    w_hat = mx.array(dequantize_groups(idx, s, levels, group_size=group))
+    w_hat = mx.array(dequantize_groups(idx, s, levels, group_size=group)) + rotate(kept.astype(mx.float16).astype(mx.float32), signs, block)
     return RotatedLinear(w_hat, signs, block, lin.bias if "bias" in lin else None)
+
+
+def uniform_levels(bits: int) -> np.ndarray:
+    """A symmetric uniform grid with an exact zero, {-2^(b-1) … 2^(b-1)-1}·c, c MSE-optimal for N(0,1)."""
+    k = np.arange(-(1 << (bits - 1)), 1 << (bits - 1), dtype=np.float64)
+    c = min(np.linspace(0.05, 2.0, 800), key=lambda c: gaussian_mse(k * c))
+    return (k * c).astype(np.float32)
+
+
+def fitted_levels(model: nn.Module, bits: int, group: int) -> dict[str, np.ndarray]:
+    """Levels fitted per tensor class (q/k/v/o/gate/up/down) by Lloyd iteration on the rotated weights,
+    each group divided by its RMS: the codebook that fits these weights, still data-free."""
+    samples: dict[str, list[np.ndarray]] = {}
+    for path, lin in linear_modules(model).items():
+        w = lin.weight.astype(mx.float32)
+        n = w.shape[1]
+        w_rot = np.array(rotate(w, mx.array(random_signs(n, seed=0, key=signs_key(path))), hadamard_block_size(n)))
+        g = w_rot.reshape(-1, group)
+        z = (g / np.maximum(np.sqrt((g * g).mean(-1, keepdims=True)), 1e-12)).ravel()
+        samples.setdefault(path.rsplit(".", 1)[-1], []).append(z[:: max(1, z.size // 200_000)])
+    out = {}
+    for cls, parts in samples.items():
+        z = np.concatenate(parts)
+        lv = lloyd_max_gaussian(bits).astype(np.float64)
+        for _ in range(30):
+            idx = np.searchsorted((lv[1:] + lv[:-1]) / 2, z)
+            lv = np.array([z[idx == i].mean() if np.any(idx == i) else lv[i] for i in range(len(lv))])
+        out[cls] = np.sort(lv).astype(np.float32)
+    return out
+
+
+def loud_columns(moments: dict[str, mx.array], path: str, frac: float) -> np.ndarray:
+    """The ``frac`` input columns with the largest mean square activation."""
+    d = np.diag(np.array(moments[signs_key(path)]))
+    return np.argsort(d)[::-1][: max(1, int(round(frac * d.size)))]
 
 
 def calibration_moments(model: nn.Module, tokenizer, tokens: int, context: int,
@@ -92,6 +136,15 @@ def calibration_moments(model: nn.Module, tokenizer, tokens: int, context: int,
         n = h.shape[0]
         out[k] = np.array(rotated_moment(h / m.tokens, mx.array(random_signs(n, seed=0, key=k)), blocks[k]))
     return out
+
+
+def raw_moments(model: nn.Module, tokenizer, tokens: int, context: int, text: str) -> dict[str, mx.array]:
+    """Unrotated input second moments per shared input (to find the loud columns)."""
+    keys = {p: signs_key(p) for p in linear_modules(model)}
+    windows = token_windows(tokenizer, text, tokens=tokens, context=context, split="calibrate")
+    with InputMoments(model, keys) as m:
+        m.run(tqdm(windows, desc="moments", unit="window", leave=False))
+    return dict(m.store)
 
 
 def swapped(base: nn.Module, make) -> list[tuple[str, nn.Linear]]:
@@ -128,6 +181,8 @@ def main() -> None:
     moments = vm.store  # the error ratios do not depend on the normalization
     hessians = calibration_moments(base, tokenizer, args.calib_tokens, args.context)
     synthetic = calibration_moments(base, tokenizer, args.calib_tokens, args.context, text="random_tokens")
+    synthetic_raw = raw_moments(base, tokenizer, args.calib_tokens, args.context, text="random_tokens")
+    fitted: dict[int, dict[str, np.ndarray]] = {}
 
     schemes = []
     for b in args.bits:
@@ -139,6 +194,16 @@ def main() -> None:
             (f"tqpipe {b}-bit g32 gptq random-token H, data-free (default)", b + 0.5,
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", synthetic)),
             (f"tqpipe {b}-bit g32 gptq (calibrated)", b + 0.5, lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", hessians)),
+            # candidate engine options, data-free, each against "mse, data-free" above
+            (f"candidate {b}-bit g32 mse, no rotation", b + 0.5,
+             lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None, rotated=False)),
+            (f"candidate {b}-bit g32 mse, uniform grid with zero", b + 0.5,
+             lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None, levels=uniform_levels(b))),
+            (f"candidate {b}-bit g32 mse, levels fitted per class", b + 0.5,
+             lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None,
+                                                levels=fitted.setdefault(b, fitted_levels(base, b, 32))[p.rsplit(".", 1)[-1]])),
+            (f"candidate {b}-bit g32 gptq random-token H, 1% loud columns fp16", b + 0.5 + 0.16,
+             lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", synthetic, keep_cols=loud_columns(synthetic_raw, p, 0.01))),
         ]
     rows = []
     for name, bpw, make in [s for s in schemes if re.search(args.schemes, s[0])]:

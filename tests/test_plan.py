@@ -83,3 +83,15 @@ def test_report_accounts_for_every_source_tensor(tiny_llama):
     assert s["source_bytes"] == sum(math.prod(t.shape) * DTYPE_BYTES[t.dtype] for t in inv.tensors.values())
     assert {row["class"] for row in rep["kept"]} >= {"model.embed_tokens.weight", "model.norm.weight"}
     assert rep["dropped"]["params"] == 0
+
+
+def test_hub_shapes_offline_say_how_to_plan_without_the_hub(monkeypatch):
+    from huggingface_hub import constants
+
+    from tqpipe.sources.files import SourceError
+    from tqpipe.sources.shapes import from_hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SourceError, match=r"cannot read the shapes of org/model@main.*`model\.config`"):
+        from_hub("org/model", "main")
+
