@@ -86,3 +86,26 @@ def test_loader_rejects_unknown_format_version(tiny_llama, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format version 999"):
         runtime.load(bad)
+
+
+@pytest.mark.parametrize("tokens, k", [(1, 2), (6, 3)])  # fewer selections than experts, and more
+def test_expert_stack_layer_equals_dense_gather(tokens, k):
+    from tqpipe.quant.codebook import lloyd_max_gaussian
+    from tqpipe.quant.quantize import quantize_tensor
+    from tqpipe.runtime.layers import TQSwitchLinear
+
+    experts, out, n, bits = 8, 24, 64, 3
+    w = mx.random.normal((experts, out, n), key=mx.random.key(1))
+    signs = np.where(np.random.default_rng(0).random(n) < 0.5, -1, 1).astype(np.int8)
+    levels = lloyd_max_gaussian(bits)
+    q = quantize_tensor(w, signs, n, levels, bits=bits, group_size=32, scale_method="mse")
+    layer = TQSwitchLinear(n, out, experts, bits=bits, group_size=32, block=n, levels=[float(v) for v in levels])
+    layer.weight, layer.scales, layer.signs = mx.array(q.packed), mx.array(q.scales), mx.array(signs)
+    x = mx.random.normal((tokens, 1, 1, 1, n), key=mx.random.key(2))  # as mlx-lm's SwitchMLP passes it
+    idx = mx.random.randint(0, experts, (tokens, 1, k), key=mx.random.key(3)).astype(mx.uint32)
+    dense = layer.dequantized_weight()  # [experts, out, n] in the rotated basis
+    x_rot = rotate(x, layer.signs, n)
+    expect = np.stack([[np.array(x_rot[t, 0, 0, 0] @ dense[int(e)].T) for e in np.array(idx[t, 0])] for t in range(tokens)])
+    got = np.array(layer(x, idx))  # [tokens, 1, k, 1, out]
+    np.testing.assert_allclose(got.reshape(tokens, k, out), expect, rtol=1e-4, atol=1e-4)
+    assert "num_experts=8" in repr(layer)

@@ -46,8 +46,18 @@ def codebook_gather_matmul_ref(
     x_rot: mx.array, packed: mx.array, scales: mx.array, levels: mx.array, indices: mx.array,
     *, bits: int, group_size: int, sorted_indices: bool = False,
 ) -> mx.array:
-    """The expert-stack form: ``x_rot @ Ŵ[indices]ᵀ`` for packed ``[experts, out, words]``."""
-    w = dequantize(packed, scales, levels, bits=bits, group_size=group_size, n=x_rot.shape[-1])
+    """The expert-stack form: ``x_rot @ Ŵ[indices]ᵀ`` for packed ``[experts, out, words]``.
+
+    Only the selected experts are dequantized when they are fewer than the stack
+    (decoding picks a handful of hundreds), so memory follows the tokens, not the experts.
+    """
+    n = x_rot.shape[-1]
+    if indices.size < packed.shape[0]:
+        flat = indices.flatten()
+        w = dequantize(packed[flat], scales[flat], levels, bits=bits, group_size=group_size, n=n)
+        local = mx.arange(flat.size, dtype=mx.uint32).reshape(indices.shape)
+        return gather_matmul(x_rot, w, local, sorted_indices=sorted_indices)
+    w = dequantize(packed, scales, levels, bits=bits, group_size=group_size, n=n)
     return gather_matmul(x_rot, w, indices, sorted_indices=sorted_indices)
 
 
