@@ -1,7 +1,9 @@
-"""Codebook kernels. The reference path is plain MLX ops: correct on every device.
+"""Codebook kernels, in one place.
 
-Faster per-backend paths (native CPU, Metal) will live beside it and be checked
-against ``dequantize`` in the tests.
+The ``*_ref`` functions are the reference: plain MLX ops, correct on every
+device, the ground truth in tests. ``codebook_matmul`` and
+``codebook_gather_matmul`` are what the layers call: on the CPU they use the
+native extension (``runtime/native.py``) when it is usable, else the reference.
 """
 
 from __future__ import annotations
@@ -67,3 +69,45 @@ def gather_matmul(x: mx.array, w: mx.array, indices: mx.array, *, sorted_indices
     y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=indices,
                      sorted_indices=sorted_indices)
     return y.astype(x.dtype)
+
+
+SMALL_BATCH = 16  # up to this many rows the native kernel multiplies directly; above, it dequantizes for BLAS
+
+
+def _native_here():
+    from tqpipe.runtime.native import native_kernels
+
+    return native_kernels() if mx.default_device() == mx.cpu else None
+
+
+def codebook_matmul(
+    x_rot: mx.array, packed: mx.array, scales: mx.array, levels: mx.array, *, bits: int, group_size: int,
+) -> mx.array:
+    """``x_rot @ Ŵᵀ`` for a packed ``[out, words]`` weight, on the fastest path available."""
+    nat = _native_here()
+    if nat is None:
+        return codebook_matmul_ref(x_rot, packed, scales, levels, bits=bits, group_size=group_size)
+    lead, n = x_rot.shape[:-1], x_rot.shape[-1]
+    x2 = x_rot.reshape(-1, n)
+    if x2.shape[0] <= SMALL_BATCH:
+        y = nat.codebook_matmul(x2, packed, scales, levels, bits=bits, group_size=group_size)
+    else:
+        w = nat.codebook_dequantize(packed, scales, levels, bits=bits, group_size=group_size)
+        y = x2.astype(mx.float32) @ w.T
+    return y.reshape(*lead, packed.shape[0]).astype(x_rot.dtype)
+
+
+def codebook_gather_matmul(
+    x_rot: mx.array, packed: mx.array, scales: mx.array, levels: mx.array, indices: mx.array,
+    *, bits: int, group_size: int, sorted_indices: bool = False,
+) -> mx.array:
+    """The expert-stack product as mlx-lm's SwitchLinear computes it, on the fastest path available."""
+    nat = _native_here()
+    if nat is None or x_rot.shape[-2] != 1:
+        return codebook_gather_matmul_ref(x_rot, packed, scales, levels, indices, bits=bits,
+                                          group_size=group_size, sorted_indices=sorted_indices)
+    n, out = x_rot.shape[-1], packed.shape[1]
+    pairs = mx.broadcast_to(x_rot, (*indices.shape, 1, n)).reshape(-1, n)
+    y = nat.codebook_gather_matmul(pairs, packed, scales, levels, indices.flatten(), bits=bits,
+                                   group_size=group_size)
+    return y.reshape(*indices.shape, 1, out).astype(x_rot.dtype)

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from tqpipe.quant.packing import packed_words
 from tqpipe.quant.rotation import rotate
-from tqpipe.runtime.kernels import codebook_gather_matmul_ref, codebook_matmul_ref, dequantize, gather_matmul
+from tqpipe.runtime.kernels import codebook_gather_matmul, codebook_matmul, dequantize, gather_matmul
 
 
 class TQLinear(nn.Module):
@@ -36,7 +36,7 @@ class TQLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = codebook_matmul_ref(
+        y = codebook_matmul(
             rotate(x, self.signs, self.block), self.weight, self.scales, self._levels,
             bits=self.bits, group_size=self.group_size,
         )
@@ -98,7 +98,7 @@ class TQSwitchLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        y = codebook_gather_matmul_ref(
+        y = codebook_gather_matmul(
             rotate(x, self.signs, self.block), self.weight, self.scales, self._levels, indices,
             bits=self.bits, group_size=self.group_size, sorted_indices=sorted_indices,
         )

@@ -1,0 +1,84 @@
+"""The native CPU kernels agree with the reference, and a missing or mismatched build falls back."""
+
+from __future__ import annotations
+
+import logging
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from tqpipe.quant.codebook import lloyd_max_gaussian
+from tqpipe.quant.quantize import quantize_tensor
+from tqpipe.runtime import kernels
+from tqpipe.runtime.native import native_kernels
+
+
+def packed_weight(shape, bits, group=32, seed=0):
+    w = mx.random.normal(shape, key=mx.random.key(seed))
+    levels = lloyd_max_gaussian(bits)
+    q = quantize_tensor(w, np.ones(shape[-1], np.int8), 1, levels, bits=bits, group_size=group, scale_method="mse")
+    return mx.array(q.packed), mx.array(q.scales), mx.array(levels.astype(np.float32))
+
+
+def test_native_extension_is_built_for_this_mlx():
+    nat = native_kernels()
+    assert nat is not None, "tqpipe._native is missing or unusable: `pip install -e .` should build it"
+    assert nat.mlx_version == mx.__version__
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("rows", [1, 7, 40])  # matrix-vector, small batch, and the dequantize + BLAS path
+def test_native_matmul_equals_reference(bits, rows):
+    group = 64 if bits == 5 else 32
+    packed, scales, levels = packed_weight((48, 128), bits, group)
+    x = mx.random.normal((rows, 128), key=mx.random.key(1))
+    ref = kernels.codebook_matmul_ref(x, packed, scales, levels, bits=bits, group_size=group)
+    got = kernels.codebook_matmul(x, packed, scales, levels, bits=bits, group_size=group)
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-4, atol=1e-4)
+    deq = native_kernels().codebook_dequantize(packed, scales, levels, bits=bits, group_size=group)
+    assert mx.array_equal(deq, kernels.dequantize(packed, scales, levels, bits=bits, group_size=group, n=128))
+
+
+def test_native_gathered_experts_equal_reference():
+    packed, scales, levels = packed_weight((6, 40, 64), 3)
+    x = mx.random.normal((2, 3, 1, 1, 64), key=mx.random.key(2))  # as mlx-lm's SwitchGLU passes it
+    idx = mx.random.randint(0, 6, (2, 3, 4), key=mx.random.key(3)).astype(mx.uint32)
+    ref = kernels.codebook_gather_matmul_ref(x, packed, scales, levels, idx, bits=3, group_size=32)
+    got = kernels.codebook_gather_matmul(x, packed, scales, levels, idx, bits=3, group_size=32)
+    assert got.shape == ref.shape == (2, 3, 4, 1, 40)
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_native_gradient_wrt_input():
+    packed, scales, levels = packed_weight((16, 64), 2)
+    nat = native_kernels()
+    x = mx.random.normal((3, 64), key=mx.random.key(4))
+    g = mx.grad(lambda v: nat.codebook_matmul(v, packed, scales, levels, bits=2, group_size=32).sum())(x)
+    w = kernels.dequantize(packed, scales, levels, bits=2, group_size=32, n=64)
+    np.testing.assert_allclose(np.array(g), np.array(mx.broadcast_to(w.sum(0), (3, 64))), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_refused_before_running():
+    packed, scales, levels = packed_weight((16, 64), 2)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        native_kernels().codebook_matmul(mx.zeros((1, 96)), packed, scales, levels, bits=2, group_size=32)
+
+
+def test_version_mismatch_falls_back_to_reference_and_says_so(monkeypatch, caplog):
+    import tqpipe._native as built
+
+    monkeypatch.setattr(built, "mlx_version", "0.0.1")
+    native_kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert native_kernels() is None
+        assert "built for mlx 0.0.1" in caplog.text
+        packed, scales, levels = packed_weight((8, 64), 3)
+        x = mx.random.normal((2, 64), key=mx.random.key(5))
+        np.testing.assert_array_equal(
+            np.array(kernels.codebook_matmul(x, packed, scales, levels, bits=3, group_size=32)),
+            np.array(kernels.codebook_matmul_ref(x, packed, scales, levels, bits=3, group_size=32)))
+    finally:
+        monkeypatch.undo()
+        native_kernels.cache_clear()
