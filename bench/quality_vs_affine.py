@@ -184,6 +184,11 @@ def main() -> None:
     synthetic_raw = raw_moments(base, tokenizer, args.calib_tokens, args.context, text="random_tokens")
     fitted: dict[int, dict[str, np.ndarray]] = {}
 
+    def fitted_for(bits: int) -> dict[str, np.ndarray]:  # fitted once per bit width, on the original weights
+        if bits not in fitted:
+            fitted[bits] = fitted_levels(base, bits, 32)
+        return fitted[bits]
+
     schemes = []
     for b in args.bits:
         schemes += [
@@ -201,7 +206,7 @@ def main() -> None:
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None, levels=uniform_levels(b))),
             (f"candidate {b}-bit g32 mse, levels fitted per class", b + 0.5,
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None,
-                                                levels=fitted.setdefault(b, fitted_levels(base, b, 32))[p.rsplit(".", 1)[-1]])),
+                                                levels=fitted_for(b)[p.rsplit(".", 1)[-1]])),
             (f"candidate {b}-bit g32 gptq random-token H, 1% loud columns fp16", b + 0.5 + 0.16,
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", synthetic, keep_cols=loud_columns(synthetic_raw, p, 0.01))),
         ]

@@ -11,7 +11,7 @@ import pytest
 from tqpipe.quant.codebook import lloyd_max_gaussian
 from tqpipe.quant.quantize import quantize_tensor
 from tqpipe.runtime import kernels
-from tqpipe.runtime.native import native_kernels
+from tqpipe.native import native_kernels
 
 
 def packed_weight(shape, bits, group=32, seed=0):
@@ -82,3 +82,21 @@ def test_version_mismatch_falls_back_to_reference_and_says_so(monkeypatch, caplo
     finally:
         monkeypatch.undo()
         native_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("bits, method, width", [(2, "mse", 4096), (3, "mse", 2688), (4, "rms", 576), (3, "rms", 1536)])
+def test_native_quantizer_matches_the_numpy_path(bits, method, width, monkeypatch):
+    """Same rotation (blocks m·2^k included), scales and bit stream as tqpipe.quant, up to float rounding."""
+    import tqpipe.quant.quantize as q
+    from tqpipe.quant.rotation import hadamard_block_size, random_signs
+
+    w = (mx.random.normal((64, width), key=mx.random.key(6)) * 0.02).astype(mx.bfloat16)
+    signs, block, levels = random_signs(width, seed=0, key="t"), hadamard_block_size(width), lloyd_max_gaussian(bits)
+    args = dict(bits=bits, group_size=32, scale_method=method)
+    fast = q.quantize_tensor(w, signs, block, levels, **args)
+    monkeypatch.setattr(q, "native_kernels", lambda: None)
+    slow = q.quantize_tensor(w, signs, block, levels, **args)
+    assert np.mean(fast.packed == slow.packed) > 0.999
+    np.testing.assert_allclose(fast.scales.astype(np.float32), slow.scales.astype(np.float32), rtol=2e-3, atol=1e-6)
+    assert fast.stats["rel_mse"] == pytest.approx(slow.stats["rel_mse"], rel=1e-3)
+    assert fast.stats["projection"] == pytest.approx(slow.stats["projection"], rel=1e-4)

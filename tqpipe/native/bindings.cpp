@@ -5,11 +5,42 @@
 
 #include <string>
 
+#include <nanobind/ndarray.h>
+
 #include "codebook.h"
+#include "quantize.h"
 #include "mlx/version.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
+
+using SignVec = nb::ndarray<const int8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using LevelVec = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+template <class T>
+nb::ndarray<nb::numpy, T, nb::ndim<2>> owned(size_t rows, size_t cols) {
+  T* data = new T[rows * cols];
+  nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  return nb::ndarray<nb::numpy, T, nb::ndim<2>>(data, {rows, cols}, owner);
+}
+
+template <class T>
+nb::tuple quantize_rows(nb::ndarray<const T, nb::ndim<2>, nb::c_contig, nb::device::cpu> w, SignVec signs,
+                        int block, LevelVec levels, int bits, int group_size, bool mse, int iters) {
+  const size_t rows = w.shape(0), n = w.shape(1);
+  if (signs.shape(0) != n || levels.shape(0) != (size_t(1) << bits))
+    throw std::invalid_argument("[quantize_rows] signs or levels do not match the width and bits");
+  auto packed = owned<uint32_t>(rows, n * bits / 32);
+  auto scales = owned<uint16_t>(rows, n / group_size);
+  tqpipe::QuantizeSpec spec{int(n), block, bits, group_size, mse, iters};
+  tqpipe::ErrorSums err;
+  {
+    nb::gil_scoped_release unlocked;
+    err = tqpipe::quantize_rows<T>(w.data(), int64_t(rows), signs.data(), levels.data(), spec, packed.data(),
+                                   scales.data());
+  }
+  return nb::make_tuple(packed, scales, err.w2, err.d2, err.wh);
+}
 
 NB_MODULE(_native, m) {
   m.doc() = "tqpipe's native CPU kernels for codebook-quantized matrices";
@@ -22,6 +53,13 @@ NB_MODULE(_native, m) {
   m.def("codebook_gather_matmul", &tqpipe::codebook_gather_matmul, "x"_a, "packed"_a, "scales"_a, "levels"_a,
         "experts"_a, nb::kw_only(), "bits"_a, "group_size"_a, "stream"_a = nb::none(),
         "row p of x [P, n] times expert experts[p] of packed [E, out, words] -> [P, out] float32");
+  m.def("quantize_rows", &quantize_rows<float>, "w"_a, "signs"_a, "block"_a, "levels"_a, nb::kw_only(), "bits"_a,
+        "group_size"_a, "mse"_a = true, "iters"_a = 4);
+  m.def("quantize_rows", &quantize_rows<uint16_t>, "w"_a, "signs"_a, "block"_a, "levels"_a, nb::kw_only(), "bits"_a,
+        "group_size"_a, "mse"_a = true, "iters"_a = 4,
+        "rotate and quantize rows [rows, n] (float32, or bfloat16 as uint16 bits) -> (packed uint32, float16 "
+        "scales as uint16, "
+        "‖w‖², ‖ŵ-w‖², ⟨ŵ,w⟩ of the rotated rows)");
   m.def("codebook_dequantize", &tqpipe::codebook_dequantize, "packed"_a, "scales"_a, "levels"_a, nb::kw_only(),
         "bits"_a, "group_size"_a, "stream"_a = nb::none(), "the float32 weight [..., out, n]");
 }

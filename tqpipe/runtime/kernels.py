@@ -75,7 +75,7 @@ SMALL_BATCH = 16  # up to this many rows the native kernel multiplies directly; 
 
 
 def _native_here():
-    from tqpipe.runtime.native import native_kernels
+    from tqpipe.native import native_kernels
 
     return native_kernels() if mx.default_device() == mx.cpu else None
 

@@ -1,4 +1,4 @@
-"""tqpipe's native CPU kernels (``tqpipe._native``), when they can be trusted here.
+"""tqpipe's native CPU kernels (``tqpipe._native``, built from the C++ in this folder), when they can be trusted here.
 
 They are an MLX C++ extension built by ``pip install -e .`` against one exact
 mlx version. On import this module checks that the extension exists, that it
