@@ -109,3 +109,25 @@ def test_expert_stack_layer_equals_dense_gather(tokens, k):
     got = np.array(layer(x, idx))  # [tokens, 1, k, 1, out]
     np.testing.assert_allclose(got.reshape(tokens, k, out), expect, rtol=1e-4, atol=1e-4)
     assert "num_experts=8" in repr(layer)
+
+
+def test_min_tokens_keeps_eos_out_until_n_tokens():
+    from tqpipe.generate import min_tokens_processor
+
+    proc = min_tokens_processor({5}, prompt_len=3, min_tokens=2)
+    logits = mx.zeros((1, 8))
+    logits[0, 5] = 10.0
+    assert int(mx.argmax(proc(mx.array([1, 2, 3, 4]), mx.array(logits)))) != 5  # 1 generated < 2
+    assert int(mx.argmax(proc(mx.array([1, 2, 3, 4, 6]), mx.array(logits)))) == 5  # 2 generated: allowed
+
+
+def test_generate_cli_streams_and_reports_speed(tiny_llama, tmp_path, capsys):
+    from tqpipe.generate import main
+
+    folder = packed_tiny(tiny_llama, tmp_path)
+    main(["--model", str(folder), "--prompt", "hello", "--max-tokens", "6", "--min-tokens", "6", "--temp", "0.8",
+          "--top-p", "0.9", "--rep-penalty", "1.1", "--rep-ctx", "8", "--seed", "1"])
+    out, err = capsys.readouterr()
+    assert "decode: 6 tokens" in err and "tokens/s" in err and "peak memory" in err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "nowhere"), "--prompt", "x"])

@@ -78,6 +78,81 @@ TQ_INLINE void matmul_rows(const Rows& w, const float* x, int M, float* y, int l
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+// The same product for B <= 4 with AVX2: 32 indices come out of B words as four 8-lane vectors
+// (per-lane word select + variable shifts) and become levels through an in-register table.
+template <int B>
+__attribute__((target("avx2,fma"))) void matmul_rows_avx2(const Rows& w, const float* x, int M, float* y,
+                                                        int ldy, int o0, int o1) {
+  const int words = w.n * B / 32, groups = w.n / w.g;
+  __m256i widx[4], wnext[4], shr[4], shl[4];
+  for (int v = 0; v < 4; ++v) {
+    alignas(32) int32_t a[8], b[8], c[8], d[8];
+    for (int i = 0; i < 8; ++i) {
+      const int bit = (8 * v + i) * B, off = bit & 31;
+      a[i] = bit >> 5;
+      b[i] = std::min((bit >> 5) + 1, 7);
+      c[i] = off;
+      d[i] = off + B > 32 ? 32 - off : 32;  // a shift of 32 gives 0: no spill into the next word
+    }
+    widx[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(a));
+    wnext[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+    shr[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
+    shl[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(d));
+  }
+  const __m256i mask = _mm256_set1_epi32((1 << B) - 1), seven = _mm256_set1_epi32(7);
+  alignas(32) float lut[16] = {};
+  for (int i = 0; i < (1 << B); ++i) lut[i] = w.levels[i];
+  const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    const int mb = std::min(8, M - m0);
+    for (int o = o0; o < o1; ++o) {
+      const uint32_t* wp = w.packed + size_t(o) * words;
+      __m256 tot[8];
+      for (int m = 0; m < mb; ++m) tot[m] = _mm256_setzero_ps();
+      for (int gi = 0; gi < groups; ++gi) {
+        __m256 gacc[8];
+        for (int m = 0; m < mb; ++m) gacc[m] = _mm256_setzero_ps();
+        for (int b0 = gi * w.g; b0 < (gi + 1) * w.g; b0 += 32, wp += B) {
+          alignas(32) uint32_t buf[8] = {};
+          for (int i = 0; i < B; ++i) buf[i] = wp[i];
+          const __m256i words8 = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+          for (int v = 0; v < 4; ++v) {
+            const __m256i lo = _mm256_permutevar8x32_epi32(words8, widx[v]);
+            const __m256i hi = _mm256_permutevar8x32_epi32(words8, wnext[v]);
+            const __m256i id = _mm256_and_si256(
+                _mm256_or_si256(_mm256_srlv_epi32(lo, shr[v]), _mm256_sllv_epi32(hi, shl[v])), mask);
+            __m256 val = _mm256_permutevar8x32_ps(lut_lo, id);
+            if constexpr (B == 4)
+              val = _mm256_blendv_ps(val, _mm256_permutevar8x32_ps(lut_hi, id),
+                                     _mm256_castsi256_ps(_mm256_cmpgt_epi32(id, seven)));
+            for (int m = 0; m < mb; ++m)
+              gacc[m] = _mm256_fmadd_ps(val, _mm256_loadu_ps(x + size_t(m0 + m) * w.n + b0 + 8 * v), gacc[m]);
+          }
+        }
+        const __m256 s = _mm256_set1_ps(static_cast<float>(w.scales[size_t(o) * groups + gi]));
+        for (int m = 0; m < mb; ++m) tot[m] = _mm256_fmadd_ps(gacc[m], s, tot[m]);
+      }
+      for (int m = 0; m < mb; ++m) y[size_t(m0 + m) * ldy + o] = hsum8(tot[m]);
+    }
+  }
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
 template <int B>
 TQ_INLINE void dequantize_rows(const Rows& w, float* out, size_t r0, size_t r1) {
   const int words = w.n * B / 32, groups = w.n / w.g;
@@ -108,6 +183,16 @@ TQ_INLINE void dequantize_rows(const Rows& w, float* out, size_t r0, size_t r1) 
   }
 
 TQ_CLONES void matmul_kernel(int bits, const Rows& w, const float* x, int M, float* y, int ldy, int o0, int o1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (bits <= 4 && has_avx2()) {
+    switch (bits) {
+      case 1: return matmul_rows_avx2<1>(w, x, M, y, ldy, o0, o1);
+      case 2: return matmul_rows_avx2<2>(w, x, M, y, ldy, o0, o1);
+      case 3: return matmul_rows_avx2<3>(w, x, M, y, ldy, o0, o1);
+      default: return matmul_rows_avx2<4>(w, x, M, y, ldy, o0, o1);
+    }
+  }
+#endif
   TQ_DISPATCH_BITS(bits, (matmul_rows<B>(w, x, M, y, ldy, o0, o1)))
 }
 
