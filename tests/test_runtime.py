@@ -131,3 +131,58 @@ def test_generate_cli_streams_and_reports_speed(tiny_llama, tmp_path, capsys):
     assert "decode: 6 tokens" in err and "tokens/s" in err and "peak memory" in err
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "nowhere"), "--prompt", "x"])
+
+
+def test_stock_mlx_lm_loads_the_packed_folder_with_trust_remote_code(tiny_llama, tmp_path):
+    """mlx-lm's own load (model_file + trust_remote_code) builds the same quantized model."""
+    import json
+
+    from mlx_lm import load as mlx_lm_load
+
+    folder = packed_tiny(tiny_llama, tmp_path)
+    assert json.loads((folder / "config.json").read_text())["model_file"] == "tqpipe_model.py"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        mlx_lm_load(str(folder))
+    theirs, tok = mlx_lm_load(str(folder), trust_remote_code=True)
+    ours, _ = runtime.load(folder)
+    assert any(isinstance(m, TQLinear) for _, m in theirs.named_modules())
+    ids = mx.array(tok.encode("The quick brown fox"))[None]
+    assert mx.array_equal(theirs(ids), ours(ids))
+    assert generate(theirs, tok, "hello", max_tokens=5) == generate(ours, tok, "hello", max_tokens=5)
+
+
+def test_server_answers_a_chat_completion_over_http(tiny_llama, tmp_path):
+    """tqpipe-serve (mlx-lm's server) on 127.0.0.1: one chat completion, then it is stopped."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder = packed_tiny(tiny_llama, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tqpipe.serve", "--model", str(folder), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/v1/models", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+                time.sleep(0.5)
+        body = json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 5,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        choice = reply["choices"][0]
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert 1 <= reply["usage"]["completion_tokens"] <= 5 and reply["usage"]["prompt_tokens"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -45,7 +45,7 @@ def quantized_layers(spec: dict[str, Any], model: nn.Module) -> list[tuple[str, 
     return layers
 
 
-def _classes_with_tq(config: dict):
+def _checked_spec(config: dict) -> dict:
     spec = config.get("tqpipe")
     if spec is None:
         raise ValueError("config.json has no 'tqpipe' section: not a tqpipe packed model")
@@ -54,6 +54,11 @@ def _classes_with_tq(config: dict):
             f"packed format version {spec.get('format_version')} is not {FORMAT_VERSION}, "
             "the one this tqpipe reads; repack the model with this tqpipe version"
         )
+    return spec
+
+
+def _classes_with_tq(config: dict):
+    spec = _checked_spec(config)
     model_cls, args_cls = _get_classes(config)
 
     def build(args):
@@ -62,6 +67,36 @@ def _classes_with_tq(config: dict):
         return model
 
     return build, args_cls
+
+
+MODEL_FILE = "tqpipe_model.py"
+MODEL_FILE_SOURCE = '''"""Lets stock mlx-lm load this tqpipe-packed model: `mlx_lm.load(path, trust_remote_code=True)`,
+`mlx_lm.generate --model path --trust-remote-code`, `mlx_lm.server --model path --trust-remote-code`.
+Needs tqpipe installed (`pip install -e .` in its repository); written by tqpipe's pack stage."""
+from pathlib import Path
+
+from tqpipe.runtime.loader import remote_code_classes
+
+Model, ModelArgs = remote_code_classes(Path(__file__).with_name("config.json"))
+'''
+
+
+def remote_code_classes(config_path: str | Path):
+    """``(Model, ModelArgs)`` for mlx-lm's ``model_file`` hook: the architecture's own classes,
+    with the quantized layers swapped in when the model is built."""
+    import json
+
+    config = json.loads(Path(config_path).read_text())
+    spec = _checked_spec(config)
+    base_cls, args_cls = _get_classes(config)
+
+    class Model(base_cls):
+        def __init__(self, args):
+            super().__init__(args)
+            self.update_modules(tree_unflatten(quantized_layers(spec, self)))
+
+    Model.__name__ = Model.__qualname__ = f"TQ{base_cls.__name__}"
+    return Model, args_cls
 
 
 def load(
@@ -73,7 +108,8 @@ def load(
     ``mx.float32`` on a CPU, where float16 arithmetic is emulated and slow.
     """
     path = Path(path)
-    model, config = load_model(path, lazy=lazy, get_model_classes=_classes_with_tq)
+    # model_file is for stock mlx-lm; tqpipe builds the classes itself, running no file from the folder
+    model, config = load_model(path, lazy=lazy, get_model_classes=_classes_with_tq, model_config={"model_file": None})
     if dtype is not None:
         model.set_dtype(dtype)
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))

@@ -31,6 +31,7 @@ from tqpipe.model_io import TOKENIZER_FILES, build_model, load_weights, read_con
 from tqpipe.parallel import auto_workers, ordered_map
 from tqpipe.quant.quantize import CHUNK_ELEMENTS, quantize_tensor
 from tqpipe.recipe import Recipe
+from tqpipe.runtime.loader import MODEL_FILE, MODEL_FILE_SOURCE
 from tqpipe.shards import ShardWriter
 from tqpipe.sources.files import link_or_copy
 from tqpipe.stages.codebook import codebook_name
@@ -136,6 +137,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     files = writer.finish()
 
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config["model_file"] = MODEL_FILE  # stock mlx-lm can load it too, with trust_remote_code
+    (ctx.out / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
     config["tqpipe"] = {
         "format_version": FORMAT_VERSION,
         "tqpipe_version": __version__,
