@@ -30,22 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tqpipe  # noqa: E402,F401  (fast BLAS before mlx)
 
 from measure import env_with, run_measured  # noqa: E402
+from quality_vs_affine import default_model_dir as smollm2_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def smollm2_folder() -> Path:
-    from omegaconf import OmegaConf
-
-    from tqpipe.engine import build
-    from tqpipe.recipe import Recipe
-
-    base = OmegaConf.to_container(OmegaConf.load(ROOT / "recipes" / "_smollm2_135m.yaml"))
-    recipe = Recipe.from_config({"name": "bench_smollm2_135m", "model": base["model"],
-                                 "rules": [{"pattern": "proj", "bits": 4}]})
-    build(recipe, outputs=ROOT / "outputs", stages=["fetch"])
-    return ROOT / "outputs" / "bench_smollm2_135m" / "fetch"
 
 
 def synthetic_llama(billions: float, folder: Path) -> Path:

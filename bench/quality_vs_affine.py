@@ -204,6 +204,8 @@ def main() -> None:
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None, rotated=False)),
             (f"candidate {b}-bit g32 mse, uniform grid with zero", b + 0.5,
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None, levels=uniform_levels(b))),
+            (f"candidate {b}-bit g32 gptq random-token H, uniform grid with zero", b + 0.5,
+             lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", synthetic, levels=uniform_levels(b))),
             (f"candidate {b}-bit g32 mse, levels fitted per class", b + 0.5,
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None,
                                                 levels=fitted_for(b)[p.rsplit(".", 1)[-1]])),

@@ -26,7 +26,7 @@ def layer_errors(base: nn.Module, twin: nn.Module, moments: dict[str, mx.array],
     base_mods = dict(base.named_modules())
     rows = []
     for path, q in twin.named_modules():
-        if not isinstance(q, RotatedLinear):
+        if type(q) is not RotatedLinear:  # dense layers; expert stacks have no moments yet
             continue
         w = rotate(base_mods[path].weight.astype(mx.float32), q.signs, q.block)
         d = q.weight - w

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "mlx/allocator.h"
+#include "simd.h"
 #include "mlx/backend/cpu/encoder.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -79,14 +80,7 @@ TQ_INLINE void matmul_rows(const Rows& w, const float* x, int M, float* y, int l
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
 
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  a = _mm_add_ss(a, _mm_movehdup_ps(a));
-  return _mm_cvtss_f32(a);
-}
 
 // The same product for B <= 4 with AVX2: 32 indices come out of B words as four 8-lane vectors
 // (per-lane word select + variable shifts) and become levels through an in-register table.
@@ -147,10 +141,6 @@ __attribute__((target("avx2,fma"))) void matmul_rows_avx2(const Rows& w, const f
   }
 }
 
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 #endif
 
 template <int B>

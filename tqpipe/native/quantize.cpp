@@ -15,6 +15,7 @@
 
 #include "mlx/backend/common/hadamard.h"
 #include "mlx/types/half_types.h"
+#include "simd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TQ_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -196,14 +197,7 @@ inline void pack32(const int32_t* idx, uint32_t* out) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  a = _mm_add_ss(a, _mm_movehdup_ps(a));
-  return _mm_cvtss_f32(a);
-}
 
 // One row, bits <= 4, group size a multiple of 32: the scale search, the nearest levels, the bit
 // stream and the error sums, 8 lanes at a time. Same arithmetic as the portable path.
@@ -228,7 +222,7 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int
       const __m256 x = _mm256_loadu_ps(g + i);
       acc = _mm256_fmadd_ps(x, x, acc);
     }
-    float scale = std::sqrt(hsum(acc) / gs);
+    float scale = std::sqrt(hsum8(acc) / gs);
     for (int it = 0; mse && it < iters; ++it) {
       const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.f / scale : 1.f);
       __m256 num = _mm256_setzero_ps(), den = num;
@@ -239,8 +233,8 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int
         num = _mm256_fmadd_ps(x, c, num);
         den = _mm256_fmadd_ps(c, c, den);
       }
-      const float dn = hsum(den);
-      if (dn > 0) scale = hsum(num) / dn;
+      const float dn = hsum8(den);
+      if (dn > 0) scale = hsum8(num) / dn;
     }
     const float16_t s16(scale);
     const float s = static_cast<float>(s16);
@@ -265,15 +259,11 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int
       packed += B;
     }
   }
-  err[0] += hsum(w2);
-  err[1] += hsum(d2);
-  err[2] += hsum(wh);
+  err[0] += hsum8(w2);
+  err[1] += hsum8(d2);
+  err[2] += hsum8(wh);
 }
 
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 #endif
 
 void pack_row(const uint8_t* idx, int n, int bits, uint32_t* out) {

@@ -118,15 +118,8 @@ class TQSwitchLinear(nn.Module):
                 f"block={self.block}, bias={'bias' in self}")
 
 
-class RotatedSwitchLinear(nn.Module):
-    """Dense float experts in the rotated basis: the evaluation twin of :class:`TQSwitchLinear`."""
-
-    def __init__(self, weight: mx.array, signs: mx.array, block: int, bias: mx.array | None) -> None:
-        super().__init__()
-        self.weight, self.signs, self.block = weight, signs, block
-        if bias is not None:
-            self.bias = bias
-        self.freeze()
+class RotatedSwitchLinear(RotatedLinear):
+    """Dense float experts ``[experts, out, in]`` in the rotated basis: the twin of :class:`TQSwitchLinear`."""
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = gather_matmul(rotate(x, self.signs, self.block), self.weight, indices, sorted_indices=sorted_indices)

@@ -97,7 +97,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     per_token: dict[str, list[np.ndarray]] = {}
     half = v.context // 2
-    keys = {p: signs_key(p) for p, m in quant.named_modules() if isinstance(m, RotatedLinear)}
+    keys = {p: signs_key(p) for p, m in quant.named_modules() if type(m) is RotatedLinear}  # expert stacks: no input moments yet
     with InputMoments(base, keys) as moments:  # the base model's layer inputs, for the per-layer errors
         for window in tqdm(tokens, desc="validate", unit="window"):
             w = window[None]
