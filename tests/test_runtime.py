@@ -186,3 +186,17 @@ def test_server_answers_a_chat_completion_over_http(tiny_llama, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_loaded_model_holds_no_more_than_its_packed_bytes(tiny_llama, tmp_path):
+    """No full-precision copy survives loading: resident bytes stay within 1.05x of the files."""
+    import gc
+
+    folder = packed_tiny(tiny_llama, tmp_path)
+    packed = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    model, _ = runtime.load(folder)
+    mx.eval(model.parameters())
+    assert mx.get_active_memory() - before <= 1.05 * packed
