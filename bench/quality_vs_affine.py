@@ -209,6 +209,9 @@ def main() -> None:
             (f"candidate {b}-bit g32 mse, levels fitted per class", b + 0.5,
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", None,
                                                 levels=fitted_for(b)[p.rsplit(".", 1)[-1]])),
+            (f"candidate {b}-bit g32 gptq random-token H, levels fitted per class", b + 0.5,
+             lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", synthetic,
+                                                levels=fitted_for(b)[p.rsplit(".", 1)[-1]])),
             (f"candidate {b}-bit g32 gptq random-token H, 1% loud columns fp16", b + 0.5 + 0.16,
              lambda p, l, b=b: turboquant_layer(l, p, b, 32, "mse", synthetic, keep_cols=loud_columns(synthetic_raw, p, 0.01))),
         ]
