@@ -15,3 +15,20 @@ test *ARGS: setup
 # the fast tests only
 test-fast:
     .venv/bin/python -m pytest -m "not slow"
+
+# print a recipe's plan (every tensor's fate, the predicted size) without building
+plan RECIPE:
+    .venv/bin/tqpipe recipe={{RECIPE}} plan_only=true
+
+# benchmarks (tables land in outputs/bench/)
+bench-quality *ARGS:
+    .venv/bin/python bench/quality_vs_affine.py {{ARGS}}
+
+bench-runtime *ARGS:
+    .venv/bin/python bench/runtime_speed.py {{ARGS}}
+
+bench-pack-speed *ARGS:
+    .venv/bin/python bench/pack_speed.py {{ARGS}}
+
+bench-pack-scale *ARGS:
+    .venv/bin/python bench/pack_scale.py {{ARGS}}
