@@ -104,6 +104,7 @@ __attribute__((target("avx2,fma"))) void matmul_rows_avx2(const Rows& w, const f
     shl[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(d));
   }
   const __m256i mask = _mm256_set1_epi32((1 << B) - 1), seven = _mm256_set1_epi32(7);
+  const __m256i load_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(B), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   alignas(32) float lut[16] = {};
   for (int i = 0; i < (1 << B); ++i) lut[i] = w.levels[i];
   const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
@@ -117,9 +118,8 @@ __attribute__((target("avx2,fma"))) void matmul_rows_avx2(const Rows& w, const f
         __m256 gacc[8];
         for (int m = 0; m < mb; ++m) gacc[m] = _mm256_setzero_ps();
         for (int b0 = gi * w.g; b0 < (gi + 1) * w.g; b0 += 32, wp += B) {
-          alignas(32) uint32_t buf[8] = {};
-          for (int i = 0; i < B; ++i) buf[i] = wp[i];
-          const __m256i words8 = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+          // the block's B words into lanes 0..B-1; masked lanes are not read, so no read past the row
+          const __m256i words8 = _mm256_maskload_epi32(reinterpret_cast<const int*>(wp), load_mask);
           for (int v = 0; v < 4; ++v) {
             const __m256i lo = _mm256_permutevar8x32_epi32(words8, widx[v]);
             const __m256i hi = _mm256_permutevar8x32_epi32(words8, wnext[v]);
