@@ -32,3 +32,6 @@ bench-pack-speed *ARGS:
 
 bench-pack-scale *ARGS:
     .venv/bin/python bench/pack_scale.py {{ARGS}}
+
+bench-kernels:
+    .venv/bin/python bench/kernel_speed.py
