@@ -137,3 +137,21 @@ def test_flagship_plan_offline_from_the_real_config(tmp_path):
     # 3-bit attention and 2-bit everything else at g32 over 119.5 B params: about 40 GB, not the seed's 36
     assert "predicted size: 39.70 GB = 36.98 GiB" in out
     assert not any(tmp_path.glob(f"{FLAGSHIP}/*/manifest.json"))  # nothing was built
+
+
+def test_flagship_expert_bytes_follow_from_the_format_alone():
+    """The largest class, checked by hand from the config: 40 MoE layers × 512 experts × 2688 rows,
+    each row of 1024 inputs at 2 bits (64 uint32 words) plus 32 fp16 scales, and one int8 sign per input."""
+    from tqpipe.plan import plan_report
+    from tqpipe.sources.shapes import from_config
+
+    cfg = json.loads(SUPER_CONFIG.read_text())
+    moe_layers = cfg["hybrid_override_pattern"].count("E")
+    e, inter, latent = cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["moe_latent_size"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        recipe = Recipe.from_config(OmegaConf.to_container(compose("config", overrides=[f"recipe={FLAGSHIP}"]).recipe,
+                                                           resolve=True))
+    classes = {r["class"]: r for r in plan_report(recipe, from_config(cfg, "config"))["classes"]}
+    fc1 = classes["backbone.layers.*.mixer.switch_mlp.fc1"]
+    assert fc1["tensors"] == moe_layers == 40
+    assert fc1["bytes"] == moe_layers * (e * inter * (latent * 2 // 8 + latent // 32 * 2) + latent)

@@ -52,6 +52,16 @@ def load_weights(folder: Path, model: nn.Module) -> dict[str, mx.array]:
     return model.sanitize(weights) if hasattr(model, "sanitize") else weights
 
 
+def kept_dtype(model: nn.Module, name: str, dtype: mx.Dtype, kept: str) -> mx.Dtype:
+    """The dtype an unquantized tensor is stored in: the recipe's ``kept`` dtype for floating
+    tensors the model lets be cast (its ``cast_predicate``: Nemotron-H keeps ``A_log`` as
+    stored), else its own. Shared by the plan (bytes) and pack (the cast)."""
+    castable = getattr(model, "cast_predicate", None)
+    if mx.issubdtype(dtype, mx.floating) and (castable is None or castable(name)):
+        return getattr(mx, kept)
+    return dtype
+
+
 # --- the HF checkpoint layout a config describes (undoing mlx-lm's sanitize) ---
 
 _EXPERTS = re.compile(r"^(.*\.mixer)\.switch_mlp\.(fc1|fc2)\.weight$")

@@ -155,8 +155,9 @@ def plan_report(recipe: Recipe, inventory) -> dict:
     planned is exactly what ``pack`` will find.
     """
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
-    from tqpipe.model_io import build_model
+    from tqpipe.model_io import build_model, kept_dtype
 
     model = build_model(inventory.config)
     planned = make_plan(recipe, model)
@@ -164,8 +165,6 @@ def plan_report(recipe: Recipe, inventory) -> dict:
                     for n, t in inventory.tensors.items()}
     source_params = sum(math.prod(t.shape) for t in inventory.tensors.values())
     sanitized = model.sanitize(placeholders) if hasattr(model, "sanitize") else placeholders
-    from mlx.utils import tree_flatten
-
     needed = {k for k, _ in tree_flatten(model.parameters())}
     missing = sorted(needed - set(sanitized))
     if missing:
@@ -173,17 +172,14 @@ def plan_report(recipe: Recipe, inventory) -> dict:
         raise RecipeError(f"the checkpoint ({inventory.origin}) lacks {len(missing)} tensor(s) the "
                           f"{inventory.config.get('model_type')} model needs: {shown}")
     unused = sorted(set(sanitized) - needed)
-    castable = getattr(model, "cast_predicate", lambda name: True)
-    kept_bytes_per = {"float16": 2, "bfloat16": 2, "float32": 4}[recipe.kept_dtype]
     quantized_weights = {f"{t.path}.weight" for t in planned}
 
     kept: dict[str, dict] = {}
     for name, arr in sanitized.items():
         if name in quantized_weights or name in unused:
             continue
-        floating = mx.issubdtype(arr.dtype, mx.floating)
-        nbytes = arr.size * kept_bytes_per if floating and castable(name) else arr.nbytes
-        dtype = recipe.kept_dtype if floating and castable(name) else str(arr.dtype).removeprefix("mlx.core.")
+        stored = kept_dtype(model, name, arr.dtype, recipe.kept_dtype)
+        nbytes, dtype = arr.size * stored.size, str(stored).removeprefix("mlx.core.")
         row = kept.setdefault(module_class(name), {"class": module_class(name), "tensors": 0, "params": 0,
                                                    "dtype": dtype, "bytes": 0})
         row["tensors"] += 1

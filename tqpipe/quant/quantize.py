@@ -104,15 +104,16 @@ def quantize_tensor(
     factor = None if hessian is None else inverse_hessian_factor(hessian, damp=damp)
     step = max(1, chunk_elements // n)
     nat = native_kernels() if hessian is None and n % 32 == 0 else None
+    if nat is not None:
+        signs8 = np.ascontiguousarray(signs, dtype=np.int8)
+        levels32 = np.ascontiguousarray(levels, dtype=np.float32)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         if nat is not None:  # the same rotation and scale rules in C++, several times faster
             rows_in = flat[r0:r1].view(mx.uint16) if w.dtype == mx.bfloat16 else flat[r0:r1].astype(mx.float32)
             p, sc, w2, d2, wh = nat.quantize_rows(
-                np.ascontiguousarray(to_numpy(rows_in)),
-                np.ascontiguousarray(signs, dtype=np.int8), block,
-                np.ascontiguousarray(levels, dtype=np.float32), bits=bits, group_size=group_size,
-                mse=scale_method == "mse")
+                np.ascontiguousarray(to_numpy(rows_in)), signs8, block, levels32, bits=bits,
+                group_size=group_size, mse=scale_method == "mse")
             packed[r0:r1], scales[r0:r1] = p, sc.view(np.float16)
             errors.w2, errors.d2, errors.wh = errors.w2 + w2, errors.d2 + d2, errors.wh + wh
             continue

@@ -3,7 +3,7 @@
 The ``*_ref`` functions are the reference: plain MLX ops, correct on every
 device, the ground truth in tests. ``codebook_matmul`` and
 ``codebook_gather_matmul`` are what the layers call: on the CPU they use the
-native extension (``runtime/native.py``) when it is usable, else the reference.
+native extension (``tqpipe/native``) when it is usable, else the reference.
 """
 
 from __future__ import annotations

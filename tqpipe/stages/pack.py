@@ -27,7 +27,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from tqpipe import FORMAT_VERSION, __version__
-from tqpipe.model_io import TOKENIZER_FILES, build_model, load_weights, read_config
+from tqpipe.model_io import TOKENIZER_FILES, build_model, kept_dtype, load_weights, read_config
 from tqpipe.parallel import auto_workers, ordered_map
 from tqpipe.quant.quantize import CHUNK_ELEMENTS, quantize_tensor
 from tqpipe.recipe import Recipe
@@ -45,10 +45,6 @@ NEEDS = ("fetch", "rotate", "codebook")
 def settings(recipe: Recipe) -> dict[str, Any]:
     return {"scale_method": recipe.codebook.scale_method, "kept_dtype": recipe.kept_dtype,
             "damp": recipe.calibration.damp}
-
-
-def _kept(arr: mx.array, dtype: str) -> mx.array:
-    return arr.astype(getattr(mx, dtype)) if mx.issubdtype(arr.dtype, mx.floating) else arr
 
 
 # --- worker side: each worker process opens the model lazily once, then packs tensors on request
@@ -104,7 +100,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config = read_config(fetched)
     model = build_model(config)
     weights = load_weights(fetched, model)  # lazy: nothing is read yet
-    castable = getattr(model, "cast_predicate", lambda name: True)  # e.g. Nemotron-H keeps A_log as stored
+
+    def kept(name: str) -> mx.array:  # an unquantized tensor, still lazy, in the dtype the plan counted
+        arr = weights.pop(name)
+        return arr.astype(kept_dtype(model, name, arr.dtype, recipe.kept_dtype))
+
     with safe_open(str(rotated / "signs.safetensors"), framework="numpy") as f:
         signs = {k: f.get_tensor(k) for k in f.keys()}
 
@@ -126,14 +126,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
             writer.add(f"{path}.scales", q.scales)
             writer.add(f"{path}.signs", signs[t["signs_key"]])
             if f"{path}.bias" in weights:
-                writer.add(f"{path}.bias", _kept(weights.pop(f"{path}.bias"), recipe.kept_dtype))
+                writer.add(f"{path}.bias", kept(f"{path}.bias"))
             modules[path] = {"bits": t["bits"], "group_size": t["group_size"], "codebook": t["codebook"],
                              "block": t["block"]}
             report.append({"path": path, "bits": t["bits"], "group_size": t["group_size"]} | q.stats)
             bar.update(int(np.prod(t["shape"])))
-    for name in sorted(weights):  # the kept tensors, still lazy: each shard evaluates what it holds
-        arr = weights.pop(name)
-        writer.add(name, _kept(arr, recipe.kept_dtype) if castable(name) else arr)
+    for name in sorted(weights):  # the kept tensors: each shard evaluates what it holds
+        writer.add(name, kept(name))
     files = writer.finish()
 
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
