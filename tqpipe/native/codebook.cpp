@@ -10,10 +10,10 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "mlx/allocator.h"
+#include "parallel.h"
 #include "simd.h"
 #include "mlx/backend/cpu/encoder.h"
 
@@ -82,63 +82,87 @@ TQ_INLINE void matmul_rows(const Rows& w, const float* x, int M, float* y, int l
 #if defined(__x86_64__) && defined(__GNUC__)
 
 
-// The same product for B <= 4 with AVX2: 32 indices come out of B words as four 8-lane vectors
-// (per-lane word select + variable shifts) and become levels through an in-register table.
+// The same product for B <= 4 with AVX2. Eight consecutive indices are 8·B bits = B bytes, starting
+// at byte B·v of their 32-index block: one 32-bit broadcast load, a per-lane variable shift and a mask
+// give eight indices, and an in-register table (vpermps) turns them into levels. The last load of a
+// block is pulled back so it never reads past the block (extra shift instead).
+template <int B>
+struct Decoder {
+  static constexpr int off(int v) { return B * v < 4 * B - 4 ? B * v : 4 * B - 4; }  // byte offset
+  __m256i shift[4];
+  __m256i mask;
+  __m256 lut_lo, lut_hi;
+  __attribute__((target("avx2,fma"))) explicit Decoder(const float* levels) {
+    for (int v = 0; v < 4; ++v) {
+      const int extra = 8 * (B * v - off(v));
+      shift[v] = _mm256_setr_epi32(extra, extra + B, extra + 2 * B, extra + 3 * B, extra + 4 * B,
+                                   extra + 5 * B, extra + 6 * B, extra + 7 * B);
+    }
+    mask = _mm256_set1_epi32((1 << B) - 1);
+    alignas(32) float lut[16] = {};
+    for (int i = 0; i < (1 << B); ++i) lut[i] = levels[i];
+    lut_lo = _mm256_load_ps(lut);
+    lut_hi = _mm256_load_ps(lut + 8);
+  }
+  // levels of indices 8v..8v+7 of the block at `block`
+  __attribute__((target("avx2,fma"))) TQ_INLINE __m256 operator()(const uint8_t* block, int v) const {
+    int32_t word;
+    __builtin_memcpy(&word, block + off(v), 4);
+    const __m256i id = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shift[v]), mask);
+    __m256 val = _mm256_permutevar8x32_ps(lut_lo, id);
+    if constexpr (B == 4)
+      val = _mm256_blendv_ps(val, _mm256_permutevar8x32_ps(lut_hi, id),
+                             _mm256_castsi256_ps(_mm256_slli_epi32(id, 28)));
+    return val;
+  }
+};
+
+// MB rows of x against output rows [o0, o1). Small MB keeps several partial sums per row (V) so the
+// FMA chains overlap; the group's scale is applied once per group.
+template <int B, int MB>
+__attribute__((target("avx2,fma"))) void matmul_block_avx2(const Rows& w, const Decoder<B>& dec, const float* x,
+                                                         float* y, int ldy, int o0, int o1) {
+  constexpr int V = MB >= 4 ? 1 : 4 / MB;
+  const int words = w.n * B / 32, groups = w.n / w.g, blocks_per_group = w.g / 32;
+  for (int o = o0; o < o1; ++o) {
+    const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.packed + size_t(o) * words);
+    const float16_t* sp = w.scales + size_t(o) * groups;
+    __m256 tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
+    const float* xb = x;
+    for (int gi = 0; gi < groups; ++gi) {
+      __m256 acc[MB][V];
+      for (int m = 0; m < MB; ++m)
+        for (int a = 0; a < V; ++a) acc[m][a] = _mm256_setzero_ps();
+      for (int blk = 0; blk < blocks_per_group; ++blk, wp += 4 * B, xb += 32) {
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) {
+          const __m256 val = dec(wp, v);
+#pragma GCC unroll 8
+          for (int m = 0; m < MB; ++m)
+            acc[m][v % V] = _mm256_fmadd_ps(val, _mm256_loadu_ps(xb + size_t(m) * w.n + 8 * v), acc[m][v % V]);
+        }
+      }
+      const __m256 s = _mm256_set1_ps(static_cast<float>(sp[gi]));
+      for (int m = 0; m < MB; ++m) {
+        __m256 sum = acc[m][0];
+        for (int a = 1; a < V; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+        tot[m] = _mm256_fmadd_ps(sum, s, tot[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[size_t(m) * ldy + o] = hsum8(tot[m]);
+  }
+}
+
 template <int B>
 __attribute__((target("avx2,fma"))) void matmul_rows_avx2(const Rows& w, const float* x, int M, float* y,
                                                         int ldy, int o0, int o1) {
-  const int words = w.n * B / 32, groups = w.n / w.g;
-  __m256i widx[4], wnext[4], shr[4], shl[4];
-  for (int v = 0; v < 4; ++v) {
-    alignas(32) int32_t a[8], b[8], c[8], d[8];
-    for (int i = 0; i < 8; ++i) {
-      const int bit = (8 * v + i) * B, off = bit & 31;
-      a[i] = bit >> 5;
-      b[i] = std::min((bit >> 5) + 1, 7);
-      c[i] = off;
-      d[i] = off + B > 32 ? 32 - off : 32;  // a shift of 32 gives 0: no spill into the next word
-    }
-    widx[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(a));
-    wnext[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
-    shr[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
-    shl[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(d));
-  }
-  const __m256i mask = _mm256_set1_epi32((1 << B) - 1), seven = _mm256_set1_epi32(7);
-  const __m256i load_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(B), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  alignas(32) float lut[16] = {};
-  for (int i = 0; i < (1 << B); ++i) lut[i] = w.levels[i];
-  const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
-  for (int m0 = 0; m0 < M; m0 += 8) {
-    const int mb = std::min(8, M - m0);
-    for (int o = o0; o < o1; ++o) {
-      const uint32_t* wp = w.packed + size_t(o) * words;
-      __m256 tot[8];
-      for (int m = 0; m < mb; ++m) tot[m] = _mm256_setzero_ps();
-      for (int gi = 0; gi < groups; ++gi) {
-        __m256 gacc[8];
-        for (int m = 0; m < mb; ++m) gacc[m] = _mm256_setzero_ps();
-        for (int b0 = gi * w.g; b0 < (gi + 1) * w.g; b0 += 32, wp += B) {
-          // the block's B words into lanes 0..B-1; masked lanes are not read, so no read past the row
-          const __m256i words8 = _mm256_maskload_epi32(reinterpret_cast<const int*>(wp), load_mask);
-          for (int v = 0; v < 4; ++v) {
-            const __m256i lo = _mm256_permutevar8x32_epi32(words8, widx[v]);
-            const __m256i hi = _mm256_permutevar8x32_epi32(words8, wnext[v]);
-            const __m256i id = _mm256_and_si256(
-                _mm256_or_si256(_mm256_srlv_epi32(lo, shr[v]), _mm256_sllv_epi32(hi, shl[v])), mask);
-            __m256 val = _mm256_permutevar8x32_ps(lut_lo, id);
-            if constexpr (B == 4)
-              val = _mm256_blendv_ps(val, _mm256_permutevar8x32_ps(lut_hi, id),
-                                     _mm256_castsi256_ps(_mm256_cmpgt_epi32(id, seven)));
-            for (int m = 0; m < mb; ++m)
-              gacc[m] = _mm256_fmadd_ps(val, _mm256_loadu_ps(x + size_t(m0 + m) * w.n + b0 + 8 * v), gacc[m]);
-          }
-        }
-        const __m256 s = _mm256_set1_ps(static_cast<float>(w.scales[size_t(o) * groups + gi]));
-        for (int m = 0; m < mb; ++m) tot[m] = _mm256_fmadd_ps(gacc[m], s, tot[m]);
-      }
-      for (int m = 0; m < mb; ++m) y[size_t(m0 + m) * ldy + o] = hsum8(tot[m]);
-    }
-  }
+  const Decoder<B> dec(w.levels);
+  int m0 = 0;
+  for (; m0 + 8 <= M; m0 += 8) matmul_block_avx2<B, 8>(w, dec, x + size_t(m0) * w.n, y + size_t(m0) * ldy, ldy, o0, o1);
+  if (M - m0 >= 4) matmul_block_avx2<B, 4>(w, dec, x + size_t(m0) * w.n, y + size_t(m0) * ldy, ldy, o0, o1), m0 += 4;
+  if (M - m0 >= 2) matmul_block_avx2<B, 2>(w, dec, x + size_t(m0) * w.n, y + size_t(m0) * ldy, ldy, o0, o1), m0 += 2;
+  if (M - m0 >= 1) matmul_block_avx2<B, 1>(w, dec, x + size_t(m0) * w.n, y + size_t(m0) * ldy, ldy, o0, o1);
 }
 
 #endif
@@ -188,25 +212,6 @@ TQ_CLONES void matmul_kernel(int bits, const Rows& w, const float* x, int M, flo
 
 TQ_CLONES void dequantize_kernel(int bits, const Rows& w, float* out, size_t r0, size_t r1) {
   TQ_DISPATCH_BITS(bits, (dequantize_rows<B>(w, out, r0, r1)))
-}
-
-// Split [0, total) over threads when the work (in weights touched) is large enough to pay for them.
-template <class F>
-void parallel_for(size_t total, size_t work, F&& fn) {
-  const size_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const size_t nt = std::min({hw, total, std::max<size_t>(1, work >> 18)});
-  if (nt <= 1) {
-    fn(size_t(0), total);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const size_t step = (total + nt - 1) / nt;
-  for (size_t t = 1; t < nt; ++t) {
-    const size_t a = t * step, b = std::min(total, a + step);
-    if (a < b) pool.emplace_back([&fn, a, b] { fn(a, b); });
-  }
-  fn(size_t(0), std::min(total, step));
-  for (auto& th : pool) th.join();
 }
 
 void check_format(const array& packed, const array& scales, const array& levels, int n, int bits, int g) {
