@@ -64,6 +64,24 @@ def test_layer_output_equals_dequantize_then_matmul(tiny_llama, tmp_path):
         np.testing.assert_allclose(np.array(layer.to_dense()(mx.array(x))), x_rot @ w_hat.T, rtol=1e-4, atol=1e-4)
 
 
+def test_modules_reading_one_input_rotate_it_once(tiny_llama, tmp_path):
+    """q/k/v (and gate/up) share one rotation; the logits equal those of separate rotations."""
+    folder = packed_tiny(tiny_llama, tmp_path)
+    model, tok = runtime.load(folder, dtype=mx.float32)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.rotation is attn.k_proj.rotation is attn.v_proj.rotation
+    assert mlp.gate_proj.rotation is mlp.up_proj.rotation is not attn.q_proj.rotation
+    assert attn.o_proj.rotation.consumers == 1 and attn.q_proj.rotation.consumers == 3
+    assert attn.q_proj.scales.dtype == mx.float16  # the kernels read the stored scales; dtype= casts the rest
+    ids = mx.array(tok.encode("The quick brown fox"))[None]
+    shared = model(ids)
+    assert attn.q_proj.rotation._x is None  # every consumer read the memo, so it let the activation go
+    for _, m in model.named_modules():
+        if isinstance(m, TQLinear):
+            m.rotation = None
+    np.testing.assert_array_equal(np.array(shared), np.array(model(ids)))
+
+
 def test_8bit_model_reproduces_the_unquantized_logits(tiny_llama, tmp_path):
     """At 8 bits the quantization error is tiny, so any rotation mistake would show."""
     folder = packed_tiny(tiny_llama, tmp_path, attn_bits=8, mlp_bits=8)

@@ -10,6 +10,51 @@ from tqpipe.quant.rotation import rotate
 from tqpipe.runtime.kernels import codebook_gather_matmul, codebook_matmul, dequantize, gather_matmul
 
 
+class SharedRotation:
+    """One rotated activation for the modules that read the same input (q/k/v, gate/up, ...).
+
+    Their signs are equal by construction (pack derives them from one key), so the
+    first module to see an input rotates it and the others reuse the result. The
+    input is recognised by identity (mlx arrays are immutable), and the memo is
+    dropped once every consumer has read it, so nothing outlives the step.
+    """
+
+    def __init__(self, consumers: int) -> None:
+        self.consumers = consumers
+        self._x = self._y = None
+        self._left = 0
+
+    def __call__(self, x: mx.array, signs: mx.array, block: int) -> mx.array:
+        if x is self._x:
+            y = self._y
+            self._left -= 1
+            if self._left <= 0:
+                self._x = self._y = None
+            return y
+        y = rotate(x, signs, block)
+        if self.consumers > 1:
+            self._x, self._y, self._left = x, y, self.consumers - 1
+        return y
+
+
+def share_rotations(modules: dict[str, nn.Module], keys: dict[str, str]) -> int:
+    """Give the quantized modules with the same rotation key one :class:`SharedRotation`;
+    returns how many rotations a forward pass saves."""
+    groups: dict[str, list[nn.Module]] = {}
+    for path, key in keys.items():
+        groups.setdefault(key, []).append(modules[path])
+    for members in groups.values():
+        shared = SharedRotation(len(members))
+        for m in members:
+            m.rotation = shared
+    return sum(len(m) - 1 for m in groups.values())
+
+
+def _rotated(layer: nn.Module, x: mx.array) -> mx.array:
+    shared = getattr(layer, "rotation", None)
+    return shared(x, layer.signs, layer.block) if shared is not None else rotate(x, layer.signs, layer.block)
+
+
 class TQLinear(nn.Module):
     """``y = Ŵ' (R x) + b`` with ``Ŵ'`` a codebook-quantized, rotated weight.
 
@@ -37,7 +82,7 @@ class TQLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = codebook_matmul(
-            rotate(x, self.signs, self.block), self.weight, self.scales, self._levels,
+            _rotated(self, x), self.weight, self.scales, self._levels,
             bits=self.bits, group_size=self.group_size,
         )
         return y + self.bias if "bias" in self else y
@@ -99,7 +144,7 @@ class TQSwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         y = codebook_gather_matmul(
-            rotate(x, self.signs, self.block), self.weight, self.scales, self._levels, indices,
+            _rotated(self, x), self.weight, self.scales, self._levels, indices,
             bits=self.bits, group_size=self.group_size, sorted_indices=sorted_indices,
         )
         return y + mx.expand_dims(self.bias[indices], -2) if "bias" in self else y

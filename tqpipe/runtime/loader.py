@@ -22,7 +22,7 @@ from mlx_lm.utils import _get_classes, load_model
 from tqpipe import FORMAT_VERSION
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from tqpipe.runtime.layers import TQLinear, TQSwitchLinear
+from tqpipe.runtime.layers import TQLinear, TQSwitchLinear, share_rotations
 
 
 def quantized_layers(spec: dict[str, Any], model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -45,6 +45,15 @@ def quantized_layers(spec: dict[str, Any], model: nn.Module) -> list[tuple[str, 
     return layers
 
 
+def swap_in_quantized(model: nn.Module, spec: dict[str, Any]) -> None:
+    """Replace the modules the spec names with quantized layers; modules that read one input
+    (same ``rotation`` key) rotate it once between them."""
+    layers = quantized_layers(spec, model)
+    model.update_modules(tree_unflatten(layers))
+    keys = {path: m["rotation"] for path, m in spec["modules"].items() if "rotation" in m}
+    share_rotations(dict(layers), keys)
+
+
 def _checked_spec(config: dict) -> dict:
     spec = config.get("tqpipe")
     if spec is None:
@@ -63,7 +72,7 @@ def _classes_with_tq(config: dict):
 
     def build(args):
         model = model_cls(args)
-        model.update_modules(tree_unflatten(quantized_layers(spec, model)))
+        swap_in_quantized(model, spec)
         return model
 
     return build, args_cls
@@ -93,7 +102,7 @@ def remote_code_classes(config_path: str | Path):
     class Model(base_cls):
         def __init__(self, args):
             super().__init__(args)
-            self.update_modules(tree_unflatten(quantized_layers(spec, self)))
+            swap_in_quantized(self, spec)
 
     Model.__name__ = Model.__qualname__ = f"TQ{base_cls.__name__}"
     return Model, args_cls
@@ -104,12 +113,16 @@ def load(
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load a packed model folder and its tokenizer.
 
-    ``dtype`` casts the floating-point parameters (kept tensors and scales), e.g.
-    ``mx.float32`` on a CPU, where float16 arithmetic is emulated and slow.
+    ``dtype`` casts the kept floating-point tensors, e.g. ``mx.float32`` on a CPU,
+    where float16 arithmetic is emulated and slow. Scales stay float16: the kernels
+    read them as stored, and the memory stays that of the packed files.
     """
     path = Path(path)
     # model_file is for stock mlx-lm; tqpipe builds the classes itself, running no file from the folder
     model, config = load_model(path, lazy=lazy, get_model_classes=_classes_with_tq, model_config={"model_file": None})
     if dtype is not None:
         model.set_dtype(dtype)
+        for _, m in model.named_modules():
+            if isinstance(m, (TQLinear, TQSwitchLinear)):
+                m.scales = m.scales.astype(mx.float16)
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
