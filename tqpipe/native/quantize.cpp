@@ -15,6 +15,7 @@
 
 #include "mlx/backend/common/hadamard.h"
 #include "mlx/types/half_types.h"
+#include "parallel.h"
 #include "simd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -70,8 +71,63 @@ TQ_CLONES void fwht(float* x, int n) {
       }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same transform with AVX2, n a power of two >= 8: the first three stages inside each 8-lane
+// vector (a lane swap and one FMA with ±1 each), the rest two stages per pass over memory.
+__attribute__((target("avx2,fma"))) void fwht_avx2(float* x, int n) {
+  const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1), s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1),
+               s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+  for (int i = 0; i < n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    v = _mm256_fmadd_ps(v, s1, _mm256_permute_ps(v, 0xB1));
+    v = _mm256_fmadd_ps(v, s2, _mm256_permute_ps(v, 0x4E));
+    v = _mm256_fmadd_ps(v, s4, _mm256_permute2f128_ps(v, v, 1));
+    _mm256_storeu_ps(x + i, v);
+  }
+  int h = 8;
+  for (; 4 * h <= n; h *= 4)  // stages h and 2h together
+    for (int i = 0; i < n; i += 4 * h)
+      for (int j = i; j < i + h; j += 8) {
+        const __m256 a0 = _mm256_loadu_ps(x + j), a1 = _mm256_loadu_ps(x + j + h);
+        const __m256 a2 = _mm256_loadu_ps(x + j + 2 * h), a3 = _mm256_loadu_ps(x + j + 3 * h);
+        const __m256 b0 = _mm256_add_ps(a0, a1), b1 = _mm256_sub_ps(a0, a1);
+        const __m256 b2 = _mm256_add_ps(a2, a3), b3 = _mm256_sub_ps(a2, a3);
+        _mm256_storeu_ps(x + j, _mm256_add_ps(b0, b2));
+        _mm256_storeu_ps(x + j + h, _mm256_add_ps(b1, b3));
+        _mm256_storeu_ps(x + j + 2 * h, _mm256_sub_ps(b0, b2));
+        _mm256_storeu_ps(x + j + 3 * h, _mm256_sub_ps(b1, b3));
+      }
+  if (h < n)  // one stage left
+    for (int j = 0; j < h; j += 8) {
+      const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
+      _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+      _mm256_storeu_ps(x + j + h, _mm256_sub_ps(a, b));
+    }
+}
+
+__attribute__((target("avx2,fma"))) void scale_avx2(float* x, int n, float s) {
+  const __m256 sv = _mm256_set1_ps(s);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), sv));
+  for (; i < n; ++i) x[i] *= s;
+}
+#endif
+
 void rotate_block(float* x, const BlockHadamard& H, std::vector<float>& tmp) {
-  for (int c = 0; c < H.m; ++c) fwht(x + size_t(c) * H.n2, H.n2);
+#if defined(__x86_64__) && defined(__GNUC__)
+  const bool simd = H.n2 >= 8 && has_avx2();
+#else
+  const bool simd = false;
+#endif
+  for (int c = 0; c < H.m; ++c) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (simd) {
+      fwht_avx2(x + size_t(c) * H.n2, H.n2);
+      continue;
+    }
+#endif
+    fwht(x + size_t(c) * H.n2, H.n2);
+  }
   if (H.m > 1) {
     tmp.assign(size_t(H.m) * H.n2, 0.f);
     for (int j = 0; j < H.m; ++j)
@@ -84,6 +140,9 @@ void rotate_block(float* x, const BlockHadamard& H, std::vector<float>& tmp) {
     std::copy(tmp.begin(), tmp.end(), x);
   }
   const int size = H.n2 * H.m;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (simd) return scale_avx2(x, size, H.scale);
+#endif
   for (int i = 0; i < size; ++i) x[i] *= H.scale;
 }
 
@@ -130,7 +189,9 @@ TQ_INLINE void quantize_group_t(const float* g, int gs, const float* lv, const f
     for (int it = 0; it < iters; ++it) {
       float num, den;
       group_stats<NM>(g, gs, scale > 0 ? 1.f / scale : 1.f, lv, mids, steps, num, den);
-      if (den > 0) scale = num / den;
+      const float next = den > 0 ? num / den : scale;
+      if (next == scale) break;  // a fixed point: further steps would repeat it exactly
+      scale = next;
     }
   }
   const float16_t s16(scale);
@@ -183,21 +244,32 @@ TQ_CLONES void quantize_group(int bits, const float* g, int gs, const float* lv,
   }
 }
 
-// 32 indices (as int32) -> B words, shifts known at compile time.
-template <int B>
-inline void pack32(const int32_t* idx, uint32_t* out) {
-  uint32_t w[B] = {};
-#pragma GCC unroll 32
-  for (int k = 0; k < 32; ++k) {
-    const int bit = k * B, word = bit >> 5, off = bit & 31;
-    w[word] |= uint32_t(idx[k]) << off;
-    if (off + B > 32) w[word + 1] |= uint32_t(idx[k]) >> (32 - off);
-  }
-  for (int i = 0; i < B; ++i) out[i] = w[i];
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
 
+
+// Nearest level of each lane of v: its index counts the midpoints below it (a compare mask is -1).
+template <int NM>
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i nearest_index(__m256 v, const __m256* mv) {
+  __m256i k = _mm256_setzero_si256();
+  for (int t = 0; t < NM; ++t) k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(v, mv[t], _CMP_GT_OQ)));
+  return k;
+}
+
+// levels[k] per lane from a 16-entry table in two registers
+template <int B>
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 level_at(__m256i k, __m256 lo, __m256 hi) {
+  __m256 c = _mm256_permutevar8x32_ps(lo, k);
+  if constexpr (B == 4)
+    c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(hi, k), _mm256_castsi256_ps(_mm256_slli_epi32(k, 28)));
+  return c;
+}
+
+// Lane j = the sum of the 8 lanes of v[j].
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 sum_lanes8(const __m256* v) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
 
 // One row, bits <= 4, group size a multiple of 32: the scale search, the nearest levels, the bit
 // stream and the error sums, 8 lanes at a time. Same arithmetic as the portable path.
@@ -205,57 +277,81 @@ template <int B>
 __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int n, int gs, const float* lv,
                                                           const float* mids, const float* steps, bool mse,
                                                           int iters, uint32_t* packed, float16_t* scales,
-                                                          double* err) {
+                                                          double* err, float* group_scales) {
   constexpr int NM = (1 << B) - 1;
-  __m256 mv[NM], sv[NM];
-  for (int t = 0; t < NM; ++t) {
-    mv[t] = _mm256_set1_ps(mids[t]);
-    sv[t] = _mm256_set1_ps(steps[t]);
-  }
-  const __m256 lv0 = _mm256_set1_ps(lv[0]), one = _mm256_set1_ps(1.f);
+  __m256 mv[NM];
+  for (int t = 0; t < NM; ++t) mv[t] = _mm256_set1_ps(mids[t]);
+  alignas(32) float lut[16] = {};
+  for (int i = 0; i <= NM; ++i) lut[i] = lv[i];
+  const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
   __m256 w2 = _mm256_setzero_ps(), d2 = w2, wh = w2;
-  alignas(32) int32_t idx[32];
-  for (int g0 = 0; g0 < n; g0 += gs) {
-    const float* g = row + g0;
-    __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < gs; i += 8) {
-      const __m256 x = _mm256_loadu_ps(g + i);
-      acc = _mm256_fmadd_ps(x, x, acc);
-    }
-    float scale = std::sqrt(hsum8(acc) / gs);
-    for (int it = 0; mse && it < iters; ++it) {
-      const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.f / scale : 1.f);
-      __m256 num = _mm256_setzero_ps(), den = num;
-      for (int i = 0; i < gs; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + i), v = _mm256_mul_ps(x, inv);
-        __m256 c = lv0;
-        for (int t = 0; t < NM; ++t) c = _mm256_add_ps(c, _mm256_and_ps(_mm256_cmp_ps(v, mv[t], _CMP_GT_OQ), sv[t]));
-        num = _mm256_fmadd_ps(x, c, num);
-        den = _mm256_fmadd_ps(c, c, den);
+  const __m256i lane_shift = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+  const int groups = n / gs;
+  for (int gb = 0; gb < groups; gb += 8) {  // scales of 8 groups at once: their searches interleave
+    const int cnt = std::min(8, groups - gb);
+    const float* g0 = row + size_t(gb) * gs;
+    __m256 part[8];
+    for (int j = 0; j < 8; ++j) {
+      part[j] = _mm256_setzero_ps();
+      for (int i = 0; j < cnt && i < gs; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g0 + j * gs + i);
+        part[j] = _mm256_fmadd_ps(x, x, part[j]);
       }
-      const float dn = hsum8(den);
-      if (dn > 0) scale = hsum8(num) / dn;
     }
+    __m256 scale = _mm256_sqrt_ps(_mm256_div_ps(sum_lanes8(part), _mm256_set1_ps(float(gs))));
+    for (int it = 0; mse && it < iters; ++it) {
+      const __m256 pos = _mm256_cmp_ps(scale, _mm256_setzero_ps(), _CMP_GT_OQ);
+      const __m256 inv = _mm256_blendv_ps(_mm256_set1_ps(1.f), _mm256_div_ps(_mm256_set1_ps(1.f), scale), pos);
+      alignas(32) float invs[8];
+      _mm256_store_ps(invs, inv);
+      __m256 num[8], den[8];
+      for (int j = 0; j < 8; ++j) {
+        num[j] = den[j] = _mm256_setzero_ps();
+        const __m256 ib = _mm256_set1_ps(invs[j]);
+        for (int i = 0; j < cnt && i < gs; i += 8) {
+          const __m256 x = _mm256_loadu_ps(g0 + j * gs + i);
+          const __m256 c = level_at<B>(nearest_index<NM>(_mm256_mul_ps(x, ib), mv), lut_lo, lut_hi);
+          num[j] = _mm256_fmadd_ps(x, c, num[j]);
+          den[j] = _mm256_fmadd_ps(c, c, den[j]);
+        }
+      }
+      const __m256 dn = sum_lanes8(den);
+      const __m256 next = _mm256_blendv_ps(scale, _mm256_div_ps(sum_lanes8(num), dn),
+                                           _mm256_cmp_ps(dn, _mm256_setzero_ps(), _CMP_GT_OQ));
+      // a group whose assignment repeats stays put exactly, so the batch stops when all do
+      const bool settled = _mm256_movemask_ps(_mm256_cmp_ps(next, scale, _CMP_EQ_OQ)) == 0xFF;
+      scale = next;
+      if (settled) break;
+    }
+    _mm256_storeu_ps(group_scales + gb, scale);  // the buffer has room for a whole last batch
+  }
+  for (int gi = 0; gi < groups; ++gi) {
+    const float* g = row + size_t(gi) * gs;
+    const float scale = group_scales[gi];
     const float16_t s16(scale);
     const float s = static_cast<float>(s16);
     *scales++ = s16;
     const __m256 inv = _mm256_set1_ps(1.f / (s > 0 ? s : 1.f)), sb = _mm256_set1_ps(s);
     for (int b0 = 0; b0 < gs; b0 += 32) {
+      __m256i kv[4];
       for (int i = 0; i < 32; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + b0 + i), v = _mm256_mul_ps(x, inv);
-        __m256 c = lv0, k = _mm256_setzero_ps();
-        for (int t = 0; t < NM; ++t) {
-          const __m256 up = _mm256_cmp_ps(v, mv[t], _CMP_GT_OQ);
-          c = _mm256_add_ps(c, _mm256_and_ps(up, sv[t]));
-          k = _mm256_add_ps(k, _mm256_and_ps(up, one));
-        }
-        _mm256_store_si256(reinterpret_cast<__m256i*>(idx + i), _mm256_cvttps_epi32(k));
+        const __m256 x = _mm256_loadu_ps(g + b0 + i);
+        const __m256i k = nearest_index<NM>(_mm256_mul_ps(x, inv), mv);
+        const __m256 c = level_at<B>(k, lut_lo, lut_hi);
+        kv[i / 8] = _mm256_sllv_epi32(k, lane_shift);  // index j of 8 at bit j·B
         const __m256 xh = _mm256_mul_ps(c, sb), d = _mm256_sub_ps(xh, x);
         w2 = _mm256_fmadd_ps(x, x, w2);
         d2 = _mm256_fmadd_ps(d, d, d2);
         wh = _mm256_fmadd_ps(xh, x, wh);
       }
-      pack32<B>(idx, packed);
+      // the four 8B-bit chunks (disjoint bits, so sums are ORs), then the block's B words
+      const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(kv[0], kv[1]), _mm256_hadd_epi32(kv[2], kv[3]));
+      alignas(16) uint32_t u[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(u),
+                      _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
+      unsigned __int128 stream = 0;
+      for (int v = 0; v < 4; ++v) stream |= static_cast<unsigned __int128>(u[v]) << (8 * B * v);
+      for (int i = 0; i < B; ++i) packed[i] = uint32_t(stream >> (32 * i));
       packed += B;
     }
   }
@@ -287,50 +383,86 @@ inline float to_float(uint16_t bf16_bits) {  // bfloat16 is the top half of a fl
   return f;
 }
 
+// row[i] = w[i] · signs[i] in float32
+template <class T>
+void load_row_scalar(const T* src, const int8_t* signs, int n, float* row) {
+  for (int i = 0; i < n; ++i) row[i] = to_float(src[i]) * float(signs[i]);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <class T>
+__attribute__((target("avx2,fma"))) void load_row_avx2(const T* src, const int8_t* signs, int n, float* row) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v;
+    if constexpr (sizeof(T) == 2)  // bfloat16 bits: widen, shift into the top half
+      v = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))), 16));
+    else
+      v = _mm256_loadu_ps(reinterpret_cast<const float*>(src + i));
+    const __m256 sg = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(signs + i))));
+    _mm256_storeu_ps(row + i, _mm256_mul_ps(v, sg));
+  }
+  load_row_scalar(src + i, signs + i, n - i, row + i);
+}
+#endif
+
+template <class T>
+void load_row(const T* src, const int8_t* signs, int n, float* row) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx2()) return load_row_avx2(src, signs, n, row);
+#endif
+  load_row_scalar(src, signs, n, row);
+}
+
 template <class T>
 ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const float* levels,
                         const QuantizeSpec& spec, uint32_t* packed, uint16_t* scales) {
   const int n = spec.n, gs = spec.group_size, L = 1 << spec.bits;
   if (spec.bits < 1 || spec.bits > 8 || gs % 32 || n % gs || n % spec.block)
     throw std::invalid_argument("[quantize_rows] bad bits, group size or block for this width");
-  BlockHadamard H(spec.block);
-  std::vector<float> mids(L - 1), steps(L - 1), row(n), tmp;
+  const BlockHadamard H(spec.block);
+  std::vector<float> mids(L - 1), steps(L - 1);
   for (int t = 0; t + 1 < L; ++t) {
     mids[t] = (levels[t] + levels[t + 1]) / 2;
     steps[t] = levels[t + 1] - levels[t];
   }
-  std::vector<uint8_t> idx(n);
   const int words = n * spec.bits / 32, groups = n / gs;
+  std::vector<double> row_err(size_t(rows) * 3, 0.0);  // per row, summed in order below: thread-count independent
+  // rows are independent: split them over the worker pool, each thread with its own buffers
+  parallel_for(size_t(rows), size_t(rows) * n * 8, [&](size_t r0, size_t r1) {
+    std::vector<float> row(n), tmp, group_scales(groups + 8);
+    std::vector<uint8_t> idx(n);
+    for (size_t r = r0; r < r1; ++r) {
+      load_row(w + r * n, signs, n, row.data());
+      for (int b = 0; b < n; b += spec.block) rotate_block(row.data() + b, H, tmp);
+      float16_t* sc = reinterpret_cast<float16_t*>(scales + r * groups);
+      double* e = row_err.data() + 3 * r;
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (spec.bits <= 4 && has_avx2()) {
+        uint32_t* out = packed + r * words;
+        switch (spec.bits) {
+          case 1: quantize_row_avx2<1>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e, group_scales.data()); break;
+          case 2: quantize_row_avx2<2>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e, group_scales.data()); break;
+          case 3: quantize_row_avx2<3>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e, group_scales.data()); break;
+          default: quantize_row_avx2<4>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e, group_scales.data()); break;
+        }
+        continue;
+      }
+#endif
+      float ef[3] = {0.f, 0.f, 0.f};
+      for (int gi = 0; gi < groups; ++gi)
+        quantize_group(spec.bits, row.data() + size_t(gi) * gs, gs, levels, mids.data(), steps.data(), spec.mse,
+                       spec.iters, idx.data() + size_t(gi) * gs, sc + gi, ef);
+      pack_row(idx.data(), n, spec.bits, packed + r * words);
+      for (int k = 0; k < 3; ++k) e[k] = ef[k];
+    }
+  });
   ErrorSums err;
   for (int64_t r = 0; r < rows; ++r) {
-    const T* src = w + r * n;
-    for (int i = 0; i < n; ++i) row[i] = to_float(src[i]) * float(signs[i]);
-    for (int b = 0; b < n; b += spec.block) rotate_block(row.data() + b, H, tmp);
-    float16_t* sc = reinterpret_cast<float16_t*>(scales + r * groups);
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (spec.bits <= 4 && has_avx2()) {
-      double e4[3] = {0, 0, 0};
-      uint32_t* out = packed + r * words;
-      switch (spec.bits) {
-        case 1: quantize_row_avx2<1>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e4); break;
-        case 2: quantize_row_avx2<2>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e4); break;
-        case 3: quantize_row_avx2<3>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e4); break;
-        default: quantize_row_avx2<4>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e4); break;
-      }
-      err.w2 += e4[0];
-      err.d2 += e4[1];
-      err.wh += e4[2];
-      continue;
-    }
-#endif
-    float e[3] = {0.f, 0.f, 0.f};
-    for (int gi = 0; gi < groups; ++gi)
-      quantize_group(spec.bits, row.data() + size_t(gi) * gs, gs, levels, mids.data(), steps.data(), spec.mse,
-                     spec.iters, idx.data() + size_t(gi) * gs, sc + gi, e);
-    pack_row(idx.data(), n, spec.bits, packed + r * words);
-    err.w2 += e[0];
-    err.d2 += e[1];
-    err.wh += e[2];
+    err.w2 += row_err[3 * r];
+    err.d2 += row_err[3 * r + 1];
+    err.wh += row_err[3 * r + 2];
   }
   return err;
 }
