@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from importlib import metadata
@@ -44,11 +45,13 @@ def package_versions() -> dict[str, str]:
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    """sha256 of every file under ``folder`` (hashlib releases the GIL: files hash on all cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1) or 1) as pool:
+        digests = list(pool.map(sha256_file, files))
+    return {str(p.relative_to(folder)): d for p, d in zip(files, digests)}
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

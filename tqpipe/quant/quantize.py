@@ -14,6 +14,7 @@ from tqpipe.quant.rotation import rotate
 from tqpipe.quant.scales import ScaleMethod, dequantize_groups, quantize_groups
 
 CHUNK_ELEMENTS = 1 << 18  # rows are quantized in chunks of about this many weights (1 MB float32: cache-sized)
+NATIVE_CHUNK_ELEMENTS = 1 << 22  # the native path reads the source dtype in place: larger calls, fewer round trips
 
 
 def to_numpy(x: mx.array) -> np.ndarray:
@@ -87,12 +88,13 @@ def quantize_tensor(
     scale_method: ScaleMethod,
     hessian: np.ndarray | None = None,
     damp: float = 0.01,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> QuantizedTensor:
     """Rotate, quantize and pack an unrotated weight ``[..., out, in]`` (2-D, or 3-D expert stacks).
 
     Rows are independent, so they are processed in chunks: memory beyond the
-    input and the packed output stays at a few times ``chunk_elements``.
+    input and the packed output stays at a few times ``chunk_elements`` (by default
+    larger for the native path, which reads the source dtype in place).
     """
     *lead, n = w.shape
     rows = int(np.prod(lead))
@@ -102,8 +104,10 @@ def quantize_tensor(
     scales = np.empty((rows, n // group_size), dtype=np.float16)
     errors = ErrorSums()
     factor = None if hessian is None else inverse_hessian_factor(hessian, damp=damp)
-    step = max(1, chunk_elements // n)
     nat = native_kernels() if hessian is None and n % 32 == 0 else None
+    if chunk_elements is None:
+        chunk_elements = NATIVE_CHUNK_ELEMENTS if nat is not None else CHUNK_ELEMENTS
+    step = max(1, chunk_elements // n)
     if nat is not None:
         signs8 = np.ascontiguousarray(signs, dtype=np.int8)
         levels32 = np.ascontiguousarray(levels, dtype=np.float32)

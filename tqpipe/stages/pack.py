@@ -1,7 +1,8 @@
 """pack: rotate, quantize and bit-pack each planned weight -> a loadable MLX model folder.
 
-Streams tensor by tensor: worker processes (one per core, fewer when memory
-is short) read a weight lazily from the fetched safetensors, rotate it with
+Streams tensor by tensor. Data-free with the native extension, this process
+does it all and the C++ quantizer spreads each tensor's rows over the cores;
+otherwise worker processes (one per core, fewer when memory is short) read a weight lazily from the fetched safetensors, rotate it with
 the signs from ``rotate``, quantize it in row chunks (GPTQ error feedback when
 ``rotate`` wrote Hessians) and return the packed result, which is written into
 safetensors shards of bounded size. Memory therefore follows the largest
@@ -10,7 +11,7 @@ tensor, not the model.
 Writes ``model.safetensors`` (or shards plus ``model.safetensors.index.json``)
 with the packed layers and the kept tensors, ``config.json`` with a ``tqpipe``
 section that tells the loader everything (format version, codebooks and, per
-module: bits, group size, codebook, rotation block), the tokenizer files, and
+module: bits, group size, codebook, rotation block and the key of the input it shares), the tokenizer files, and
 ``pack_report.json`` with each tensor's reconstruction error.
 """
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from tqpipe import FORMAT_VERSION, __version__
 from tqpipe.model_io import TOKENIZER_FILES, build_model, kept_dtype, load_weights, read_config
+from tqpipe.native import native_kernels
 from tqpipe.parallel import auto_workers, ordered_map
 from tqpipe.quant.quantize import CHUNK_ELEMENTS, quantize_tensor
 from tqpipe.recipe import Recipe
@@ -85,6 +87,12 @@ def _pack_one(t: dict[str, Any]) -> tuple[str, Any]:
 # --- main side
 
 
+def native_threaded(rotated: Path) -> bool:
+    """True when every tensor goes through the native quantizer (data-free and the extension usable),
+    which runs on all cores in this process: no worker processes to start or results to pickle."""
+    return not (rotated / "hessians.safetensors").exists() and native_kernels() is not None
+
+
 def _worker_bytes(plan: list[dict[str, Any]], weights: dict[str, mx.array]) -> int:
     """Memory one worker needs: its largest source tensor, its packed output and the chunk temporaries."""
     largest = max(weights[f"{t['path']}.weight"].nbytes for t in plan)
@@ -108,7 +116,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     with safe_open(str(rotated / "signs.safetensors"), framework="numpy") as f:
         signs = {k: f.get_tensor(k) for k in f.keys()}
 
-    workers = auto_workers(_worker_bytes(plan, weights), requested=ctx.workers)
+    if ctx.workers <= 0 and native_threaded(rotated):
+        workers = 1  # the native quantizer spreads each tensor's rows over the cores itself
+    else:
+        workers = auto_workers(_worker_bytes(plan, weights), requested=ctx.workers)
     log.info("pack: %d tensors with %d worker process(es)", len(plan), workers)
     writer = ShardWriter(ctx.out)
     modules, report = {}, []
@@ -128,7 +139,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             if f"{path}.bias" in weights:
                 writer.add(f"{path}.bias", kept(f"{path}.bias"))
             modules[path] = {"bits": t["bits"], "group_size": t["group_size"], "codebook": t["codebook"],
-                             "block": t["block"]}
+                             "block": t["block"], "rotation": t["signs_key"]}
             report.append({"path": path, "bits": t["bits"], "group_size": t["group_size"]} | q.stats)
             bar.update(int(np.prod(t["shape"])))
     for name in sorted(weights):  # the kept tensors: each shard evaluates what it holds
