@@ -1,14 +1,16 @@
 """Native kernels alone: the codebook product against mx.quantized_matmul, and the pack quantizer.
 
-One 4096×4096 weight; the product at batch 1 and 8 (tqpipe b-bit g32 against mlx
-affine b-bit g64, 10 calls each after 2 warm-up calls), and tqpipe's
-rotate-and-quantize on 1024×4096 float32 rows (one call per setting).
+The product at 4096×4096, 1536×576 and 49152×576, batch 1 and 32, 2/3/4 bits
+(tqpipe b-bit g32 against mlx affine b-bit g64 and float32; median of 15 calls
+after 2 warm-up calls), with the native kernel's error against the reference;
+then tqpipe's rotate-and-quantize on 1024×4096 float32 rows.
 
     python bench/kernel_speed.py
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import tqpipe  # noqa: F401  (fast BLAS before mlx)
@@ -19,42 +21,63 @@ import numpy as np
 from tqpipe.native import native_kernels
 from tqpipe.quant.codebook import lloyd_max_gaussian
 from tqpipe.quant.quantize import quantize_tensor
+from tqpipe.runtime.kernels import SMALL_BATCH, codebook_matmul, codebook_matmul_ref
 
 
 def timed(fn, repeat: int) -> float:
+    """Median seconds per call after two warm-up calls (the median shrugs off a noisy neighbour)."""
     for _ in range(2):
         mx.eval(fn())
-    t = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        t = time.perf_counter()
         mx.eval(fn())
-    return (time.perf_counter() - t) / repeat
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+SHAPES = [(4096, 4096), (1536, 576), (49152, 576)]  # (out, in): a 7B-class layer, SmolLM2's MLP, its lm_head
 
 
 def main() -> None:
     nat = native_kernels()
     if nat is None:
         raise SystemExit("tqpipe._native is not usable here (see the log); run `pip install -e .`")
-    n = 4096
-    w = mx.random.normal((n, n), key=mx.random.key(0))
-    print("| bits | batch | tqpipe native (ms) | mx.quantized_matmul (ms) |\n|---|---|---|---|")
-    for bits in (2, 3, 4):
-        lv = lloyd_max_gaussian(bits)
-        q = quantize_tensor(w, np.ones(n, np.int8), 1, lv, bits=bits, group_size=32, scale_method="rms")
-        packed, scales, levels = mx.array(q.packed), mx.array(q.scales), mx.array(lv.astype(np.float32))
-        affine = mx.quantize(w, group_size=64, bits=bits)
-        for m in (1, 8):
-            x = mx.random.normal((m, n), key=mx.random.key(1))
-            tn = timed(lambda: nat.codebook_matmul(x, packed, scales, levels, bits=bits, group_size=32), 10)
-            ta = timed(lambda: mx.quantized_matmul(x, *affine, transpose=True, group_size=64, bits=bits), 10)
-            print(f"| {bits} | {m} | {tn * 1e3:.2f} | {ta * 1e3:.2f} |")
-    rows = np.random.default_rng(0).standard_normal((1024, n), dtype=np.float32)
-    signs = np.ones(n, np.int8)
-    print("\n| bits | scales | quantize_rows (M weights/s) |\n|---|---|---|")
+    print("Median ms per call. tqpipe b-bit g32 against mlx affine b-bit g64 (same bits/weight) and float32. "
+          "'native' is the C++ kernel itself; 'runtime' is what TQLinear calls (native below "
+          f"{SMALL_BATCH + 1} rows, native dequantize + BLAS above); 'max rel err' compares native with the "
+          "pure-MLX reference.\n")
+    print("| out×in | bits | batch | tqpipe native | tqpipe runtime | mx.quantized_matmul | float32 matmul | "
+          "native vs affine | max rel err |\n|---|---|---|---|---|---|---|---|---|")
+    for out, n in SHAPES:
+        w = mx.random.normal((out, n), key=mx.random.key(0))
+        mx.eval(w)
+        for bits in (2, 3, 4):
+            lv = lloyd_max_gaussian(bits)
+            q = quantize_tensor(w, np.ones(n, np.int8), 1, lv, bits=bits, group_size=32, scale_method="rms")
+            packed, scales, levels = mx.array(q.packed), mx.array(q.scales), mx.array(lv.astype(np.float32))
+            affine = mx.quantize(w, group_size=64, bits=bits)
+            for m in (1, 32):
+                x = mx.random.normal((m, n), key=mx.random.key(1))
+                mx.eval(x, packed, scales, levels, *affine)
+                args = (x, packed, scales, levels)
+                tn = timed(lambda: nat.codebook_matmul(*args, bits=bits, group_size=32), 15)
+                tr = timed(lambda: codebook_matmul(*args, bits=bits, group_size=32), 15)
+                ta = timed(lambda: mx.quantized_matmul(x, *affine, transpose=True, group_size=64, bits=bits), 15)
+                tf = timed(lambda: x @ w.T, 15)
+                ref = codebook_matmul_ref(*args, bits=bits, group_size=32)
+                err = (mx.abs(nat.codebook_matmul(*args, bits=bits, group_size=32) - ref).max()
+                       / mx.abs(ref).max()).item()
+                print(f"| {out}×{n} | {bits} | {m} | {tn * 1e3:.2f} | {tr * 1e3:.2f} | {ta * 1e3:.2f} | "
+                      f"{tf * 1e3:.2f} | {ta / tn:.1f}× | {err:.1e} |", flush=True)
+    rows = np.random.default_rng(0).standard_normal((1024, 4096), dtype=np.float32)
+    signs = np.ones(4096, np.int8)
+    print("\n| bits | scales | quantize_rows (M weights/s, all cores) |\n|---|---|---|")
     for bits in (2, 3, 4):
         lv = lloyd_max_gaussian(bits).astype(np.float32)
         for mse in (True, False):
             t = time.perf_counter()
-            nat.quantize_rows(rows, signs, n, lv, bits=bits, group_size=32, mse=mse)
+            nat.quantize_rows(rows, signs, 4096, lv, bits=bits, group_size=32, mse=mse)
             print(f"| {bits} | {'mse' if mse else 'rms'} | {rows.size / (time.perf_counter() - t) / 1e6:.0f} |")
 
 
