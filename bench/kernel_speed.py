@@ -21,7 +21,7 @@ import numpy as np
 from tqpipe.native import native_kernels
 from tqpipe.quant.codebook import lloyd_max_gaussian
 from tqpipe.quant.quantize import quantize_tensor
-from tqpipe.runtime.kernels import SMALL_BATCH, codebook_matmul, codebook_matmul_ref
+from tqpipe.runtime.kernels import codebook_matmul, codebook_matmul_ref
 
 
 def timed(fn, repeat: int) -> float:
@@ -44,9 +44,9 @@ def main() -> None:
     if nat is None:
         raise SystemExit("tqpipe._native is not usable here (see the log); run `pip install -e .`")
     print("Median ms per call. tqpipe b-bit g32 against mlx affine b-bit g64 (same bits/weight) and float32. "
-          "'native' is the C++ kernel itself; 'runtime' is what TQLinear calls (native below "
-          f"{SMALL_BATCH + 1} rows, native dequantize + BLAS above); 'max rel err' compares native with the "
-          "pure-MLX reference.\n")
+          "'native' is the C++ kernel itself; 'runtime' is what TQLinear calls (the native product for few "
+          "rows, native dequantize + BLAS for many: runtime.kernels.use_native_product); 'max rel err' compares "
+          "native with the pure-MLX reference.\n")
     print("| out×in | bits | batch | tqpipe native | tqpipe runtime | mx.quantized_matmul | float32 matmul | "
           "native vs affine | max rel err |\n|---|---|---|---|---|---|---|---|---|")
     for out, n in SHAPES:

@@ -155,6 +155,21 @@ __attribute__((target("avx2,fma"))) void matmul_block_avx2(const Rows& w, const 
 }
 
 template <int B>
+__attribute__((target("avx2,fma"))) void dequantize_rows_avx2(const Rows& w, float* out, size_t r0, size_t r1) {
+  const Decoder<B> dec(w.levels);
+  const int words = w.n * B / 32, groups = w.n / w.g;
+  for (size_t r = r0; r < r1; ++r) {
+    const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.packed + r * words);
+    float* op = out + r * w.n;
+    for (int gi = 0; gi < groups; ++gi) {
+      const __m256 s = _mm256_set1_ps(static_cast<float>(w.scales[r * groups + gi]));
+      for (int b0 = gi * w.g; b0 < (gi + 1) * w.g; b0 += 32, wp += 4 * B)
+        for (int v = 0; v < 4; ++v) _mm256_storeu_ps(op + b0 + 8 * v, _mm256_mul_ps(dec(wp, v), s));
+    }
+  }
+}
+
+template <int B>
 __attribute__((target("avx2,fma"))) void matmul_rows_avx2(const Rows& w, const float* x, int M, float* y,
                                                         int ldy, int o0, int o1) {
   const Decoder<B> dec(w.levels);
@@ -211,6 +226,16 @@ TQ_CLONES void matmul_kernel(int bits, const Rows& w, const float* x, int M, flo
 }
 
 TQ_CLONES void dequantize_kernel(int bits, const Rows& w, float* out, size_t r0, size_t r1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (bits <= 4 && has_avx2()) {
+    switch (bits) {
+      case 1: return dequantize_rows_avx2<1>(w, out, r0, r1);
+      case 2: return dequantize_rows_avx2<2>(w, out, r0, r1);
+      case 3: return dequantize_rows_avx2<3>(w, out, r0, r1);
+      default: return dequantize_rows_avx2<4>(w, out, r0, r1);
+    }
+  }
+#endif
   TQ_DISPATCH_BITS(bits, (dequantize_rows<B>(w, out, r0, r1)))
 }
 
