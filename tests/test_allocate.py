@@ -69,7 +69,7 @@ def test_recipe_text_is_a_loadable_recipe():
     assert not re.search(cfg.rules[0].pattern, "model.layers.10.mlp.up_proj")
 
 
-def test_measured_errors_fall_with_bits_on_a_real_model(tiny_llama):
+def test_measured_errors_fall_with_bits_on_a_real_model(tiny_llama, tmp_path):
     from tqpipe.allocate import measure_errors
     from tqpipe.recipe import Recipe
 
@@ -78,7 +78,7 @@ def test_measured_errors_fall_with_bits_on_a_real_model(tiny_llama):
         "rules": [{"pattern": r"proj$", "bits": 3}],
         "calibration": {"tokens": 256, "context": 64},
     })
-    table, plan = measure_errors(recipe, tiny_llama, [2, 3, 4], 32)
+    table, plan = measure_errors(recipe, tiny_llama, [2, 3, 4], 32, tmp_path / "cache")
     assert set(table) == {t.path for t in plan} and len(table) == 14
     for path, opts in table.items():
         sizes = [opts[b][0] for b in (2, 3, 4)]

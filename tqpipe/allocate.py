@@ -61,7 +61,8 @@ def allocate(table: ErrorTable, budget_bytes: int) -> dict[str, int]:
     return choice
 
 
-def measure_errors(recipe, fetched: Path, bits_choices: list[int], group_size: int) -> tuple[ErrorTable, list[PlannedTensor]]:
+def measure_errors(recipe, fetched: Path, bits_choices: list[int], group_size: int,
+                   cache: Path) -> tuple[ErrorTable, list[PlannedTensor]]:
     """Output error of every planned tensor at every candidate bit width, on calibration activations."""
     import mlx.core as mx
 
@@ -78,7 +79,7 @@ def measure_errors(recipe, fetched: Path, bits_choices: list[int], group_size: i
     plan = make_plan(recipe, model)
     seed = recipe.rotation.seed
     signs = {t.signs_key: random_signs(t.shape[-1], seed=seed, key=t.signs_key) for t in plan}
-    hessians = calibrate(recipe, fetched, plan, signs)
+    hessians = calibrate(recipe, fetched, cache, plan, signs)
     weights = load_weights(fetched, model)
     levels = {b: lloyd_max_gaussian(b) for b in bits_choices}
     gptq = recipe.calibration.mode == "gptq"
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = compose("config", overrides=[f"recipe={args.recipe}"])
     recipe = Recipe.from_config(OmegaConf.to_container(cfg.recipe, resolve=True))
     build(recipe, outputs=args.outputs, stages=["fetch"])
-    table, plan = measure_errors(recipe, args.outputs / recipe.name / "fetch", args.bits, args.group_size)
+    table, plan = measure_errors(recipe, args.outputs / recipe.name / "fetch", args.bits, args.group_size,
+                                 args.outputs / "_cache")
     params = sum(t.params for t in plan)
     choice = allocate(table, int(args.target_bpw * params / 8))
     name = args.name or f"{args.recipe}_auto{str(args.target_bpw).replace('.', 'p')}"

@@ -120,6 +120,13 @@ class Validate(_Strict):
     check_tokens: Annotated[int, Field(ge=8)] = 64  # tokens on which runtime logits are checked
     prompt: str = "The capital of France is"  # greedy generation check
     max_new_tokens: Annotated[int, Field(ge=1)] = 16
+    reference_topk: Annotated[int, Field(ge=1, le=4096)] = 128  # cached base log-probs per scored token
+    reference: Path | None = None  # base logits computed elsewhere (a reference.safetensors) to import
+    speed_prompt_tokens: Annotated[int, Field(ge=1)] = 256  # speed probe: prompt length (from the text)
+    speed_decode_tokens: Annotated[int, Field(ge=1)] = 64  # ... and greedy tokens decoded
+    checks: bool = True  # generation checks (needle, list, code, arithmetic, essay), pass/fail each
+    needle_tokens: Annotated[int, Field(ge=64)] = 4000  # haystack length of the needle check
+    essay_max_tokens: Annotated[int, Field(ge=16)] = 512  # the essay must end by itself within this
 
 
 class Publish(_Strict):
@@ -135,6 +142,9 @@ class Publish(_Strict):
 class Recipe(_Strict):
     name: str  # names the output folder: outputs/<name>/
     description: str = ""
+    # values the rest of the recipe refers to (``bits: ${...params.mlp_bits}``), so that a sweep
+    # overrides one short key: ``tqpipe -m recipe.params.mlp_bits=2,3 recipe.params.group=32,64``
+    params: dict[str, int | float | str] = {}
     model: ModelSource
     rules: list[Rule]  # ordered; the first rule whose pattern matches a module wins
     protected: list[Protect] = []  # checked before the rules; a plain string is a regex of modules kept

@@ -1,8 +1,8 @@
 """Per-layer output error of a quantized model on real activations, and its picture.
 
 For each quantized layer, with ``H = Σ x xᵀ`` of its input on the validation
-text (captured from the unquantized model) and both weights in the rotated
-basis: ``‖ΔW X‖² / ‖W X‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, beside the plain
+text (captured in the quantized model: the inputs the layer really sees) and
+both weights in the rotated basis: ``‖ΔW X‖² / ‖W X‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, beside the plain
 weight error ``‖ΔW‖² / ‖W‖²``.
 """
 
