@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tqpipe.recipe import Recipe
 from tqpipe.sources.files import SourceError
@@ -75,6 +76,60 @@ def test_card_shows_only_measured_values(default_build):
     assert "![per-layer output error](layer_errors.png)" in card
     assert "no text was used" in card  # the default calibration is data-free, and the card says so
     assert f"{val['layer_output_error']['mean']:.4f}" in card
+    for section in ("### Speed and memory", "Generation checks", "KLD median / p90 / p99 / p99.9 / max"):
+        assert section in card
+    assert len(val["checks"]["checks"]) == 5
+    for c in val["checks"]["checks"]:
+        assert f"| {c['name']} | {'pass' if c['passed'] else 'fail'} |" in card
+
+
+NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
+
+
+def measured_numbers(obj) -> set[str]:
+    """Every number in a JSON tree (strings included), written the ways the card writes numbers."""
+    out: set[str] = set()
+    if isinstance(obj, dict):
+        for v in obj.values():
+            out |= measured_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out |= measured_numbers(v)
+    elif isinstance(obj, str):
+        out |= set(NUMBER.findall(obj))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out |= {str(obj), f"{obj:,}"} | {f"{obj:.{d}f}" for d in range(5)} | {f"{100 * obj:.2f}"}
+    return out
+
+
+@pytest.mark.slow
+def test_every_number_in_the_cards_results_comes_from_validate_json(default_build):
+    """The card's model details and results hold only numbers that validate.json holds (or, for the
+    rules table and the calibration line, the recipe printed on the same card)."""
+    outputs, _ = default_build
+    pub = outputs / RECIPE / "publish"
+    card = (pub / "README.md").read_text()
+    val = json.loads((pub / "validate.json").read_text())
+    recipe = OmegaConf.to_container(OmegaConf.load(pub / "recipe.yaml"))
+    body = card[card.index("## Model details"):card.index("## How it works")]
+    body = body.replace(card[card.index("## Quick start"):card.index("## Results")], "")  # code, not figures
+    body = re.sub(r"`[^`]*`", "", body)  # code spans: regexes, file names
+    numbers = NUMBER.findall(body)
+    assert len(numbers) > 40, "the card shows fewer figures than expected"
+    known = measured_numbers(val) | measured_numbers([recipe[k] for k in ("rules", "params", "calibration")])
+    unknown = sorted({n for n in numbers if n not in known})
+    assert not unknown, f"numbers on the card that validate.json does not hold: {unknown}"
+
+
+@pytest.mark.slow
+def test_publish_alone_rerenders_the_card_byte_for_byte(default_build, tmp_path):
+    outputs, _ = default_build
+    card = outputs / RECIPE / "publish" / "README.md"
+    before = card.read_bytes()
+    again = tqpipe_cli("stages=[publish]", "force=[publish]", outputs=outputs, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "publish built" in again.stdout
+    assert card.read_bytes() == before
 
 
 @pytest.mark.slow

@@ -34,8 +34,36 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def tqpipe_commit() -> str | None:
+    """The git commit tqpipe runs from (``+dirty`` with uncommitted changes), or None outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def invocation() -> str:
+    """The command line this process was started with, shell-quoted."""
+    import shlex
+    import sys
+
+    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
+    commit = tqpipe_commit()
+    if commit:
+        out["tqpipe_commit"] = commit
     for name in _PACKAGES:
         try:
             out[name] = metadata.version(name)
@@ -52,6 +80,12 @@ def file_hashes(folder: Path) -> dict[str, str]:
     with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1) or 1) as pool:
         digests = list(pool.map(sha256_file, files))
     return {str(p.relative_to(folder)): d for p, d in zip(files, digests)}
+
+
+def folder_digest(folder: Path) -> str:
+    """What a finished stage folder holds, as one hash: its manifest's digest, else its files' hashes."""
+    m = read_manifest(folder)
+    return m["digest"] if m else sha256_json(file_hashes(folder))
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -77,6 +111,7 @@ def write_manifest(
         "inputs": inputs,
         "outputs": outputs,
         "versions": package_versions(),
+        "command": invocation(),
         "seconds": round(time.time() - started, 2),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "summary": summary,

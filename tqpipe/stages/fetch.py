@@ -27,8 +27,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if isinstance(src, HubSource):
         from tqpipe.sources.hub import fetch_hub_snapshot
 
-        files = copy_model_files(fetch_hub_snapshot(src.repo, src.revision), ctx.out)
-        return {"source": f"hub:{src.repo}@{src.revision}", "files": files}
+        snapshot = fetch_hub_snapshot(src.repo, src.revision)
+        files = copy_model_files(snapshot, ctx.out)
+        # the Hub cache names each snapshot folder by the commit it holds: the revision, pinned
+        return {"source": f"hub:{src.repo}@{src.revision}", "commit": snapshot.name, "files": files}
     if isinstance(src, LocalSource):
         if not src.path.is_dir():
             raise SourceError(f"recipe.model.path {src.path} is not a folder")

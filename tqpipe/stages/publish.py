@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
-import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from omegaconf import OmegaConf
 
-from tqpipe.manifest import read_manifest
+from tqpipe.manifest import invocation, read_manifest, sha256_json
 from tqpipe.recipe import Recipe
 from tqpipe.sources.files import link_or_copy
 from tqpipe.stages.context import StageContext
@@ -30,19 +28,28 @@ NEEDS = ("fetch", "pack", "validate")
 SKIP = {"manifest.json"}
 
 
+CARD_TEMPLATE = resources.files("tqpipe") / "templates" / "model_card.md.j2"
+LARGE_FOLDER_BYTES = 5 << 30  # above this, upload_large_folder (resumable, parallel) where the hub client has it
+
+
 def settings(recipe: Recipe) -> dict[str, Any]:
-    return recipe.dump()  # the card shows the whole recipe
+    # the card shows the whole recipe; a new card template re-renders every card (`stages=[publish]`)
+    return recipe.dump() | {"card_template": sha256_json(CARD_TEMPLATE.read_text())}
 
 
 def card_values(recipe: Recipe, validation: dict[str, Any], pack_manifest: dict[str, Any],
-                fetch_summary: dict[str, Any]) -> dict[str, Any]:
+                fetch_manifest: dict[str, Any]) -> dict[str, Any]:
+    """Everything the card shows, from stored results only: rendering it twice gives the same bytes."""
     rec = recipe.dump()
+    fetch_summary = fetch_manifest["summary"]
     return validation | {
         "name": recipe.name,
         "description": recipe.description,
         "base_model": recipe.publish.base_model,
         "source": fetch_summary.get("source", recipe.model.kind),
         "source_sha256": fetch_summary.get("gguf_sha256"),
+        "source_commit": fetch_summary.get("commit"),
+        "input_hashes": {f: h for f, h in fetch_manifest["outputs"].items() if f.endswith((".safetensors", ".gguf"))},
         "rules": rec["rules"], "protected": rec["protected"], "kept_dtype": recipe.kept_dtype,
         "scale_method": recipe.codebook.scale_method,
         "calibration_tokens": recipe.calibration.tokens, "calibration_text": recipe.calibration.text,
@@ -50,7 +57,7 @@ def card_values(recipe: Recipe, validation: dict[str, Any], pack_manifest: dict[
         "versions": pack_manifest["versions"],
         "weight_hashes": {f: h for f, h in pack_manifest["outputs"].items() if f.endswith(".safetensors")},
         "local_dir": recipe.publish.repo_id or f"outputs/{recipe.name}/publish",
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": pack_manifest.get("command", invocation()),  # the command that built the weights
     }
 
 
@@ -60,8 +67,7 @@ def render_card(recipe: Recipe, values: dict[str, Any]) -> ModelCard:
         pipeline_tag="text-generation",
         tags=["mlx", "tqpipe", "turboquant", "quantized", *recipe.publish.tags],
     )
-    template = resources.files("tqpipe") / "templates" / "model_card.md.j2"
-    return ModelCard.from_template(data, template_str=template.read_text(), **values)
+    return ModelCard.from_template(data, template_str=CARD_TEMPLATE.read_text(), **values)
 
 
 def upload(folder: Path, recipe: Recipe) -> str:
@@ -70,6 +76,10 @@ def upload(folder: Path, recipe: Recipe) -> str:
     p = recipe.publish
     api = HfApi()
     api.create_repo(p.repo_id, private=p.private, exist_ok=True)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    if size > LARGE_FOLDER_BYTES and hasattr(api, "upload_large_folder"):
+        api.upload_large_folder(repo_id=p.repo_id, folder_path=str(folder), repo_type="model")
+        return f"upload_large_folder to {p.repo_id}"
     info = api.upload_folder(repo_id=p.repo_id, folder_path=str(folder), commit_message=p.commit_message)
     return str(info)
 
@@ -83,8 +93,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         link_or_copy(validated / name, ctx.out / name)
     (ctx.out / "recipe.yaml").write_text(OmegaConf.to_yaml(ctx.recipe.dump()))
     validation = json.loads((validated / "validate.json").read_text())
-    fetch_summary = read_manifest(ctx.inputs["fetch"])["summary"]
-    values = card_values(ctx.recipe, validation, read_manifest(packed), fetch_summary)
+    values = card_values(ctx.recipe, validation, read_manifest(packed), read_manifest(ctx.inputs["fetch"]))
     render_card(ctx.recipe, values).save(ctx.out / "README.md")
 
     files = sorted(p.name for p in ctx.out.iterdir())
