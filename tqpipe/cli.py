@@ -4,6 +4,8 @@
     tqpipe recipe=smollm2_135m_tq3a_tq2e_g32 stages=[validate,publish]
     tqpipe force=[pack]                      # rebuild pack (and what follows) even if unchanged
     tqpipe recipe=nemotron_super_tq3a_tq2e_g32 plan_only=true   # print the plan from shapes, build nothing
+    tqpipe stages=[publish] push=true        # upload the default recipe's folder (publish.repo_id)
+    tqpipe -m 'recipe=glob(*,exclude=_*)' stages=[publish]      # re-render every built recipe's card
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ log = logging.getLogger("tqpipe")
 OmegaConf.register_new_resolver("tqpipe_root", lambda: str(ROOT), replace=True)
 
 
+def default_jobs(gb_per_job: float = 4.0) -> int:
+    """Sweep jobs to run side by side: one per core, as many as memory allows (TQPIPE_JOB_GB each)."""
+    import os
+
+    from tqpipe.parallel import available_memory
+
+    per_job = float(os.environ.get("TQPIPE_JOB_GB", gb_per_job)) * 1e9
+    return max(1, min(os.cpu_count() or 1, int(available_memory() // per_job)))
+
+
+OmegaConf.register_new_resolver("tqpipe_jobs", default_jobs, replace=True)
+
+
 def run(
     recipe: Recipe, *, outputs: Path, stages: list[str], force: list[str], cache: Path | None = None,
     workers: int = 0,
@@ -44,7 +59,7 @@ def run(
 
 def format_summary(summary: dict[str, Any], outputs: Path) -> str:
     lines = [f"tqpipe: {summary['recipe']} -> {summary['folder']}"]
-    lines.append("  stages: " + ", ".join(f"{k} {v}" for k, v in summary.items() if v in ("built", "skipped")))
+    lines.append("  stages: " + ", ".join(f"{k} {v}" for k, v in summary.items() if v in ("built", "skipped", "shared")))
     val = outputs / summary["recipe"] / "validate" / "validate.json"
     if val.exists():
         import json
@@ -87,9 +102,23 @@ def show_plan(recipe: Recipe, outputs: Path, *, required: bool) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    job = _sweep_job()
     try:
-        recipe = Recipe.from_config(OmegaConf.to_container(cfg.recipe, resolve=True))
+        raw = OmegaConf.to_container(cfg.recipe, resolve=True)
+        if cfg.push:  # `push=true`: upload for real (publish is a dry run otherwise)
+            raw.setdefault("publish", {})["push"] = True
+        if job is not None:  # each variant of a sweep gets its own folder, named from its overrides
+            from tqpipe.sweep import job_name, swept_keys
+
+            raw["name"] = job_name(raw["name"], job["overrides"], swept_keys())
+        recipe = Recipe.from_config(raw)
         outputs = Path(cfg.outputs)
+        if job is not None:
+            _job_update(job, recipe=recipe.name, folder=str(outputs / recipe.name), status="running")
+        if list(cfg.stages) == ["publish"] and job is not None and not (outputs / recipe.name / "validate").exists():
+            log.warning("%s: not built yet (no validate folder); nothing to publish", recipe.name)
+            _job_update(job, status="skipped", reason="not built")
+            return  # `tqpipe -m 'recipe=glob(*,exclude=_*)' stages=[publish]` re-renders what exists
         show_plan(recipe, outputs, required=bool(cfg.plan_only))
         if cfg.plan_only:
             return
@@ -97,8 +126,39 @@ def main(cfg: DictConfig) -> None:
                       cache=Path(cfg.cache), workers=int(cfg.workers))
     except (RecipeError, SourceError) as e:
         log.error("%s", e)
+        if job is not None:  # one bad variant must not stop the others
+            _job_update(job, status="failed", reason=str(e).splitlines()[0])
+            return
         sys.exit(2)
+    except Exception as e:
+        if job is None:
+            raise
+        log.exception("job %s failed", job["num"])
+        _job_update(job, status="failed", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return
+    if job is not None:
+        _job_update(job, status="done")
     print(format_summary(summary, outputs))
+
+
+def _sweep_job() -> dict[str, Any] | None:
+    """This job's number, overrides and record folder when running in a multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    return {"num": hc.job.num, "overrides": list(hc.overrides.task), "dir": Path(hc.runtime.output_dir)}
+
+
+def _job_update(job: dict[str, Any], **fields: Any) -> None:
+    from tqpipe.sweep import record_job
+
+    record_job(job["dir"], job=job["num"], overrides=job["overrides"], **fields)
+    job.setdefault("recipe", fields.get("recipe", ""))
+    detail = f": {fields['reason']}" if "reason" in fields else ""
+    log.info("job %s %s %s%s", job["num"], fields.get("status", ""), job["recipe"], detail)
 
 
 if __name__ == "__main__":

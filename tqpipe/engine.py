@@ -75,8 +75,40 @@ def build(
             log.info("%-8s up to date, skipped (%s)", name, folder)
             results.append(StageOutcome(name, "skipped", folder, old))
             continue
+        if name in SHARED_STAGES:
+            manifest, reused = _shared_stage(name, recipe, key, folder, cache, workers)
+            results.append(StageOutcome(name, "shared" if reused else "built", folder, manifest))
+            continue
         results.append(StageOutcome(name, "built", folder, _run_stage(name, recipe, key, inputs, digests, folder, cache, workers)))
     return results
+
+
+SHARED_STAGES = ("fetch",)  # keyed by the source alone: recipes (and sweep jobs) of one model fetch it once
+
+
+def _shared_stage(name: str, recipe: Recipe, key: str, folder: Path, cache: Path,
+                  workers: int) -> tuple[dict[str, Any], bool]:
+    """Build a stage that depends on nothing recipe-specific once, in ``<cache>/<name>/<key>``, under a lock
+    (jobs running side by side wait for the first), and hard-link it into the recipe's folder."""
+    from tqpipe.cache import exclusive
+    from tqpipe.sources.files import link_or_copy
+
+    shared = cache / name / key
+    with exclusive(shared.with_name(f"{key}.lock")):
+        done = read_manifest(shared)
+        reused = done is not None and done["key"] == key
+        if not reused:
+            _run_stage(name, recipe, key, {}, {}, shared, cache, workers)
+    tmp = folder.with_name(f".{name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in sorted(p for p in shared.rglob("*") if p.is_file()):
+        link_or_copy(f, tmp / f.relative_to(shared))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    if reused:
+        log.info("%-8s shared: linked from %s", name, shared)
+    return read_manifest(folder), reused
 
 
 def _expected_key(name: str, recipe: Recipe, root: Path) -> str:
