@@ -8,12 +8,15 @@ everything runs in this process, which is simpler to debug and profile.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -48,6 +51,10 @@ def ordered_map(
     initargs: tuple = (),
 ) -> Iterator[R]:
     """Yield ``fn(task)`` for each task, in order."""
+    if workers > 1 and mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        # a joblib (loky) sweep job: its children could not start, and the sweep already fills the cores
+        log.info("inside a %s worker (a parallel sweep job): tasks run in this process", mp.get_start_method())
+        workers = 1
     if workers <= 1:
         if initializer is not None:
             initializer(*initargs)
