@@ -1,6 +1,6 @@
 """Sweeps: the variants of a recipe built by one Hydra multirun, and the report that compares them.
 
-    tqpipe -m recipe.params.mlp_bits=2,3 recipe.params.group=32,64,128       # 6 variants, one at a time
+    tqpipe -m recipe.params.mlp_bits=2,3,4 recipe.params.group=32,64         # 6 variants, one at a time
     tqpipe -m hydra/launcher=local recipe.params.mlp_bits=2,3 ...             # joblib: jobs side by side
     tqpipe-report outputs/multirun/2026-11-27_10-00-00                       # (re)write a sweep's report
 
