@@ -120,7 +120,7 @@ class Validate(_Strict):
     check_tokens: Annotated[int, Field(ge=8)] = 64  # tokens on which runtime logits are checked
     prompt: str = "The capital of France is"  # greedy generation check
     max_new_tokens: Annotated[int, Field(ge=1)] = 16
-    reference_topk: Annotated[int, Field(ge=1, le=4096)] = 128  # cached base log-probs per scored token
+    reference_topk: Annotated[int, Field(ge=1, le=16384)] = 2048  # cached base log-probs per scored token (the rest: one bin)
     reference: Path | None = None  # base logits computed elsewhere (a reference.safetensors) to import
     speed_prompt_tokens: Annotated[int, Field(ge=1)] = 256  # speed probe: prompt length (from the text)
     speed_decode_tokens: Annotated[int, Field(ge=1)] = 64  # ... and greedy tokens decoded

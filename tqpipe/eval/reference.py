@@ -117,7 +117,7 @@ def _lse_outside(lp: mx.array, ids: mx.array) -> mx.array:
     return mx.logsumexp(mx.put_along_axis(lp, ids, mx.array(-np.inf, mx.float32), axis=-1), axis=-1)
 
 
-def compute_reference(model: Callable[[mx.array], mx.array], windows: mx.array, *, context: int, k: int = 128,
+def compute_reference(model: Callable[[mx.array], mx.array], windows: mx.array, *, context: int, k: int = 2048,
                       progress: bool = True, meta: dict[str, Any] | None = None) -> Reference:
     """Run the base model over ``[N, context]`` windows and keep the compact form of its scored positions.
 
