@@ -74,6 +74,14 @@ def format_summary(summary: dict[str, Any], outputs: Path) -> str:
             f"  PPL {q['ppl_quant']:.3f} (base {q['ppl_base']:.3f}), KLD {q['kld_mean']:.4f} ± {q['kld_stderr']:.4f} "
             f"nats/token, top-1 {100 * q['top1_agreement']:.1f}% over {q['tokens_scored']} tokens"
         )
+        if v.get("speed"):
+            sp, mem = v["speed"], v["memory"]
+            lines.append(f"  runtime: prompt {sp['prompt_tokens_per_s']:.1f} tok/s, decode {sp['decode_tokens_per_s']:.1f} "
+                         f"tok/s, peak memory {mem['peak_gb']:.3f} GB")
+        if v.get("checks"):
+            failed = [c["name"] for c in v["checks"]["checks"] if not c["passed"]]
+            lines.append(f"  generation checks: {v['checks']['passed']} of {v['checks']['total']} passed"
+                         + (f" (failed: {', '.join(failed)})" if failed else ""))
     card = outputs / summary["recipe"] / "publish" / "README.md"
     if card.exists():
         lines.append(f"  model + card: {card.parent}")
