@@ -9,6 +9,7 @@ always complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@functools.cache  # one git call per process, not one per stage
 def tqpipe_commit() -> str | None:
     """The git commit tqpipe runs from (``+dirty`` with uncommitted changes), or None outside a checkout."""
     import subprocess

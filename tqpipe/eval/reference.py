@@ -214,13 +214,8 @@ def import_reference(src: Path, cache_dir: Path, key_meta: dict[str, Any]) -> Pa
                         key_meta["k"], key_meta["tokenizer"])
     dst = Path(cache_dir) / f"{key}.safetensors"
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("reference logits: imported %s -> %s", src, dst)
+    if cached_entry(dst, lambda tmp: shutil.copyfile(src, tmp)):
+        log.info("reference logits: %s is already in the cache as %s", src, dst)
+    else:
+        log.info("reference logits: imported %s -> %s", src, dst)
     return dst

@@ -288,13 +288,23 @@ array codebook_dequantize(const array& packed, const array& scales, const array&
                std::move(in));
 }
 
-void CodebookMatmul::eval_cpu(const std::vector<array>& inputs, array& out) {
+namespace {
+// What every eval_cpu here does first: check the inputs, allocate the output, register both with the
+// stream's command encoder (which then runs the dispatched kernel).
+cpu::CommandEncoder& prepare_cpu(const char* name, const Stream& stream, const std::vector<array>& inputs,
+                                 array& out) {
   for (auto& a : inputs)
-    if (!a.flags().row_contiguous) throw std::runtime_error("[CodebookMatmul] inputs must be row contiguous");
+    if (!a.flags().row_contiguous) throw std::runtime_error(std::string("[") + name + "] inputs must be row contiguous");
   out.set_data(allocator::malloc(out.nbytes()));
-  auto& enc = cpu::get_command_encoder(stream());
+  auto& enc = cpu::get_command_encoder(stream);
   for (auto& a : inputs) enc.set_input_array(a);
   enc.set_output_array(out);
+  return enc;
+}
+}  // namespace
+
+void CodebookMatmul::eval_cpu(const std::vector<array>& inputs, array& out) {
+  auto& enc = prepare_cpu(name(), stream(), inputs, out);
   std::vector<array> ins;
   for (auto& a : inputs) ins.push_back(array::unsafe_weak_copy(a));
   enc.dispatch([ins = std::move(ins), out = array::unsafe_weak_copy(out), bits = bits_, g = group_size_,
@@ -349,12 +359,7 @@ bool CodebookMatmul::is_equivalent(const Primitive& other) const {
 }
 
 void CodebookDequantize::eval_cpu(const std::vector<array>& inputs, array& out) {
-  for (auto& a : inputs)
-    if (!a.flags().row_contiguous) throw std::runtime_error("[CodebookDequantize] inputs must be row contiguous");
-  out.set_data(allocator::malloc(out.nbytes()));
-  auto& enc = cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
+  auto& enc = prepare_cpu(name(), stream(), inputs, out);
   enc.dispatch([packed = array::unsafe_weak_copy(inputs[0]), scales = array::unsafe_weak_copy(inputs[1]),
                 levels = array::unsafe_weak_copy(inputs[2]), out = array::unsafe_weak_copy(out), bits = bits_,
                 g = group_size_]() mutable {

@@ -14,7 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_map_with_path, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 from mlx_lm.utils import _get_classes, load_model
@@ -120,9 +120,9 @@ def load(
     path = Path(path)
     # model_file is for stock mlx-lm; tqpipe builds the classes itself, running no file from the folder
     model, config = load_model(path, lazy=lazy, get_model_classes=_classes_with_tq, model_config={"model_file": None})
-    if dtype is not None:
-        model.set_dtype(dtype)
-        for _, m in model.named_modules():
-            if isinstance(m, (TQLinear, TQSwitchLinear)):
-                m.scales = m.scales.astype(mx.float16)
+    scales = {f"{p}.scales" for p, m in model.named_modules() if isinstance(m, (TQLinear, TQSwitchLinear))}
+    if dtype is not None:  # cast the floating tensors, except the quantized layers' scales
+        model.update(tree_map_with_path(
+            lambda path, a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) and path not in scales else a,
+            model.parameters()))
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
