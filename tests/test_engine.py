@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tqpipe.cache import remembered_sha256
 from tqpipe.engine import build
+from tqpipe.manifest import sha256_file
 from tqpipe.recipe import Recipe, RecipeError
 from tqpipe.stages import STAGES
 
@@ -34,6 +36,26 @@ def test_manifest_records_inputs_outputs_and_versions(tiny_llama, tmp_path):
     assert m["inputs"]["fetch"] == fetch["digest"]
     assert "model.safetensors" in m["outputs"] and len(m["outputs"]["model.safetensors"]) == 64
     assert {"mlx", "mlx-lm", "numpy", "python"} <= set(m["versions"])
+    for stage in ("fetch", "pack"):  # digests the stage handed over (fetch's cache, pack's writer) are the files'
+        folder = tmp_path / "tiny" / stage
+        outputs = json.loads((folder / "manifest.json").read_text())["outputs"]
+        assert outputs == {name: sha256_file(folder / name) for name in outputs}
+
+
+def test_source_files_are_hashed_once_and_again_when_they_change(tmp_path, monkeypatch):
+    import tqpipe.manifest
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"one"), b.write_bytes(b"two")
+    first = remembered_sha256([a, b], tmp_path / "cache")
+    assert first == {a: sha256_file(a), b: sha256_file(b)}
+    link = tmp_path / "link.bin"
+    link.hardlink_to(a)
+    monkeypatch.setattr(tqpipe.manifest, "sha256_file", lambda p: pytest.fail(f"{p} was read again"))
+    assert remembered_sha256([b, link], tmp_path / "cache") == {b: first[b], link: first[a]}
+    monkeypatch.undo()
+    a.write_bytes(b"changed")
+    assert remembered_sha256([a], tmp_path / "cache")[a] == sha256_file(a) != first[a]
 
 
 def test_rerun_skips_and_force_rebuilds(tiny_llama, tmp_path):

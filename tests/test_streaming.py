@@ -11,6 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from tqpipe.engine import build
+from tqpipe.manifest import sha256_file
 from tqpipe.parallel import ordered_map
 from tqpipe.quant.codebook import lloyd_max_gaussian
 from tqpipe.quant.packing import pack_indices
@@ -71,10 +72,27 @@ def test_shard_writer_splits_and_indexes(tmp_path):
         back.update(mx.load(str(tmp_path / f)))
     for k, v in arrays.items():
         assert mx.array_equal(back[k], v)
+    assert writer.hashes == {f: sha256_file(tmp_path / f) for f in files}  # hashed by the writer thread
     with pytest.raises(ValueError, match="twice"):
         w2 = ShardWriter(tmp_path / "x")
         w2.add("a", mx.zeros(2))
         w2.add("a", mx.zeros(2))
+
+
+def test_shard_writer_keeps_every_dtype_and_lazy_tensors(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"bf16": mx.array(rng.standard_normal((3, 5)), dtype=mx.bfloat16),
+              "lazy": mx.arange(12, dtype=mx.float32).reshape(3, 4) * 2,  # computed when its shard is written
+              "u32": rng.integers(0, 2**32, (4, 3), dtype=np.uint32), "f16": rng.standard_normal(7).astype(np.float16),
+              "i8": np.array([-1, 1, 1], dtype=np.int8)}
+    writer = ShardWriter(tmp_path)
+    for k, v in arrays.items():
+        writer.add(k, v)
+    assert writer.finish() == ["model.safetensors"]
+    back = mx.load(str(tmp_path / "model.safetensors"))
+    for k, v in arrays.items():
+        want = v if isinstance(v, mx.array) else mx.array(v)
+        assert back[k].dtype == want.dtype and mx.array_equal(back[k], want), k
 
 
 def test_ordered_map_keeps_order_in_worker_processes():

@@ -48,3 +48,35 @@ def cached_entry(path: Path, make: Callable[[Path], None]) -> bool:
         make(tmp)
         os.replace(tmp, path)
         return False
+
+
+def remembered_sha256(files: list[Path], cache: Path) -> dict[Path, str]:
+    """sha256 of each file, remembered under ``<cache>/sha256/`` by device, inode, size and mtime.
+
+    A model folder hashed once (or a hard link to its files, as fetch makes) is
+    not read again, as git's index does for its work tree. The files still
+    unknown are hashed on all cores.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqpipe.manifest import sha256_file
+
+    folder = cache / "sha256"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def entry(p: Path) -> Path:
+        st = p.stat()
+        return folder / f"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+
+    def digest(p: Path) -> str:
+        remembered = entry(p)
+        if remembered.exists():
+            return remembered.read_text().strip()
+        value = sha256_file(p)
+        tmp = remembered.with_name(f".{remembered.name}.{os.getpid()}.tmp")
+        tmp.write_text(value)
+        os.replace(tmp, remembered)
+        return value
+
+    with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1) or 1) as pool:
+        return dict(zip(files, pool.map(digest, files)))

@@ -129,10 +129,11 @@ def _run_stage(
     cache.mkdir(parents=True, exist_ok=True)
     log.info("%-8s building -> %s", name, folder)
     started = time.time()
-    summary = STAGES[name].run(StageContext(recipe=recipe, out=tmp, inputs=inputs, cache=cache, workers=workers))
+    ctx = StageContext(recipe=recipe, out=tmp, inputs=inputs, cache=cache, workers=workers)
+    summary = STAGES[name].run(ctx)
     manifest = write_manifest(
         tmp, stage=name, key=key, config=STAGES[name].settings(recipe), inputs=digests,
-        summary=summary, started=started,
+        summary=summary, started=started, known_hashes=ctx.hashes,
     )
     if folder.exists():
         stale = folder.with_name(f".{name}.old")

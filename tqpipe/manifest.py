@@ -74,14 +74,20 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (hashlib releases the GIL: files hash on all cores)."""
+def file_hashes(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (hashlib releases the GIL: files hash on all cores).
+
+    ``known`` gives digests the caller already has (relative path -> sha256), e.g. a
+    shard hashed right after it was written; those files are not read again.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
-    with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1) or 1) as pool:
-        digests = list(pool.map(sha256_file, files))
-    return {str(p.relative_to(folder)): d for p, d in zip(files, digests)}
+    known = known or {}
+    names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    todo = [n for n in names if n not in known]
+    with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1) or 1) as pool:
+        computed = dict(zip(todo, pool.map(lambda n: sha256_file(folder / n), todo)))
+    return {n: known.get(n) or computed[n] for n in names}
 
 
 def folder_digest(folder: Path) -> str:
@@ -102,9 +108,9 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def write_manifest(
     folder: Path, *, stage: str, key: str, config: Any, inputs: dict[str, str],
-    summary: dict[str, Any], started: float,
+    summary: dict[str, Any], started: float, known_hashes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    outputs = file_hashes(folder)
+    outputs = file_hashes(folder, known_hashes)
     manifest = {
         "stage": stage,
         "key": key,

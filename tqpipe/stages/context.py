@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqpipe.recipe import Recipe
@@ -15,3 +15,5 @@ class StageContext:
     inputs: dict[str, Path]  # finished folders of the stages named in NEEDS
     cache: Path  # shared downloads (outputs/_cache), keyed by their own content
     workers: int = 0  # processes a stage may use; 0 = decide from cores and free memory
+    # sha256 of files the stage wrote and already hashed (path relative to ``out``): its manifest reuses them
+    hashes: dict[str, str] = field(default_factory=dict)

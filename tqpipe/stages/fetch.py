@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tqpipe.cache import remembered_sha256
 from tqpipe.recipe import GGUFSource, HubSource, LocalSource, PyPIGGUFSource, Recipe
 from tqpipe.sources.files import SourceError, check_sha256, copy_model_files
 from tqpipe.stages.context import StageContext
@@ -22,6 +23,13 @@ def settings(recipe: Recipe) -> dict[str, Any]:
     return {"model": recipe.model.model_dump(mode="json")}
 
 
+def _remember_hashes(ctx: StageContext) -> None:
+    """The linked files' sha256 from the cache that remembers them by inode: a model is read once to hash it,
+    not once per recipe or sweep."""
+    files = sorted(p for p in ctx.out.rglob("*") if p.is_file())
+    ctx.hashes.update({str(p.relative_to(ctx.out)): d for p, d in remembered_sha256(files, ctx.cache).items()})
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     src = ctx.recipe.model
     if isinstance(src, HubSource):
@@ -29,12 +37,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
         snapshot = fetch_hub_snapshot(src.repo, src.revision)
         files = copy_model_files(snapshot, ctx.out)
+        _remember_hashes(ctx)
         # the Hub cache names each snapshot folder by the commit it holds: the revision, pinned
         return {"source": f"hub:{src.repo}@{src.revision}", "commit": snapshot.name, "files": files}
     if isinstance(src, LocalSource):
         if not src.path.is_dir():
             raise SourceError(f"recipe.model.path {src.path} is not a folder")
-        return {"source": f"local:{src.path}", "files": copy_model_files(src.path, ctx.out)}
+        files = copy_model_files(src.path, ctx.out)
+        _remember_hashes(ctx)
+        return {"source": f"local:{src.path}", "files": files}
     if isinstance(src, GGUFSource):
         if not src.path.is_file():
             raise SourceError(f"recipe.model.path {src.path} does not exist")

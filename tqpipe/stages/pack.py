@@ -145,6 +145,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for name in sorted(weights):  # the kept tensors: each shard evaluates what it holds
         writer.add(name, kept(name))
     files = writer.finish()
+    ctx.hashes.update(writer.hashes)
 
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["model_file"] = MODEL_FILE  # stock mlx-lm can load it too, with trust_remote_code
