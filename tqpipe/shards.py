@@ -14,6 +14,7 @@ fills: memory stays under about two shards.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class ShardWriter:
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
         self.hashes: dict[str, str] = {}
+        self.waited = 0.0  # seconds the caller spent waiting for writes to finish
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
         self._writes: list[Future[str]] = []  # one per file, in order; each gives the file's sha256
 
@@ -75,18 +77,24 @@ class ShardWriter:
             return
         name = f"model-{len(self.files) + 1:05d}.safetensors"
         tensors = {k: _as_numpy(v) for k, v in self.held.items()}  # lazy mlx tensors are computed here
-        for earlier in self._writes:  # one shard in flight at most; a failed write raises here
-            earlier.result()
+        self._wait()  # one shard in flight at most
         self._writes.append(self._pool.submit(_write, self.folder / name, tensors, self.metadata))
         self.files.append(name)
         self.weight_map.update({k: name for k in self.held})
         self.total_bytes += self.held_bytes
         self.held, self.held_bytes = {}, 0
 
+    def _wait(self) -> None:
+        started = time.perf_counter()
+        for write in self._writes:  # a failed write raises here
+            write.result()
+        self.waited += time.perf_counter() - started
+
     def finish(self) -> list[str]:
         """Write what is held and give the shards their final names; returns the file names."""
         try:
             self.flush()
+            self._wait()
             digests = [f.result() for f in self._writes]
         finally:
             self._pool.shutdown(wait=True)

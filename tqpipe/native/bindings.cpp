@@ -26,13 +26,13 @@ nb::ndarray<nb::numpy, T, nb::ndim<2>> owned(size_t rows, size_t cols) {
 
 template <class T>
 nb::tuple quantize_rows(nb::ndarray<const T, nb::ndim<2>, nb::c_contig, nb::device::cpu> w, SignVec signs,
-                        int block, LevelVec levels, int bits, int group_size, bool mse, int iters) {
+                        int block, LevelVec levels, int bits, int group_size, int candidates) {
   const size_t rows = w.shape(0), n = w.shape(1);
   if (signs.shape(0) != n || levels.shape(0) != (size_t(1) << bits))
     throw std::invalid_argument("[quantize_rows] signs or levels do not match the width and bits");
   auto packed = owned<uint32_t>(rows, n * bits / 32);
   auto scales = owned<uint16_t>(rows, n / group_size);
-  tqpipe::QuantizeSpec spec{int(n), block, bits, group_size, mse, iters};
+  tqpipe::QuantizeSpec spec{int(n), block, bits, group_size, candidates};
   tqpipe::ErrorSums err;
   {
     nb::gil_scoped_release unlocked;
@@ -54,9 +54,9 @@ NB_MODULE(_native, m) {
         "experts"_a, nb::kw_only(), "bits"_a, "group_size"_a, "stream"_a = nb::none(),
         "row p of x [P, n] times expert experts[p] of packed [E, out, words] -> [P, out] float32");
   m.def("quantize_rows", &quantize_rows<float>, "w"_a, "signs"_a, "block"_a, "levels"_a, nb::kw_only(), "bits"_a,
-        "group_size"_a, "mse"_a = true, "iters"_a = 4);
+        "group_size"_a, "candidates"_a);
   m.def("quantize_rows", &quantize_rows<uint16_t>, "w"_a, "signs"_a, "block"_a, "levels"_a, nb::kw_only(), "bits"_a,
-        "group_size"_a, "mse"_a = true, "iters"_a = 4,
+        "group_size"_a, "candidates"_a,
         "rotate and quantize rows [rows, n] (float32, or bfloat16 as uint16 bits) -> (packed uint32, float16 "
         "scales as uint16, "
         "‖w‖², ‖ŵ-w‖², ⟨ŵ,w⟩ of the rotated rows)");

@@ -2,7 +2,8 @@
 //
 // Matches tqpipe/quant/{rotation,scales,packing}.py: the same Hadamard as
 // mx.hadamard_transform (H_m ⊗ H_2^k, 2^k-chunks contiguous), the same scale
-// rules (RMS start, then least-squares steps, rounded to float16), and the
+// search (float16 candidates from the RMS scale by over-relaxed least-squares
+// steps, the one with the least error kept), and the
 // same bit stream. Results agree with the numpy path up to float rounding.
 
 #include "quantize.h"
@@ -148,56 +149,22 @@ void rotate_block(float* x, const BlockHadamard& H, std::vector<float>& tmp) {
 
 #define TQ_INLINE inline __attribute__((always_inline))
 
-// Index and level of v without a table lookup: idx = #{mids < v}, c = lv[0] + sum of the steps passed.
-// Written as arithmetic over 8 lanes so that the compiler vectorizes it.
-template <int NM>
-TQ_INLINE void group_stats(const float* g, int gs, float inv, const float* lv, const float* mids,
-                           const float* steps, float& num, float& den) {
-  float nv[8] = {}, dv[8] = {};
-  for (int i = 0; i < gs; i += 8) {
-    float v[8], c[8];
-    for (int j = 0; j < 8; ++j) {
-      v[j] = g[i + j] * inv;
-      c[j] = lv[0];
-    }
-    for (int t = 0; t < NM; ++t) {
-      const float m = mids[t], st = steps[t];
-      for (int j = 0; j < 8; ++j) c[j] += v[j] > m ? st : 0.f;
-    }
-    for (int j = 0; j < 8; ++j) {
-      nv[j] += g[i + j] * c[j];
-      dv[j] += c[j] * c[j];
-    }
-  }
-  num = den = 0.f;
-  for (int j = 0; j < 8; ++j) {
-    num += nv[j];
-    den += dv[j];
-  }
+constexpr float kRelaxation = 1.5f;  // ω of the least-squares steps between scale candidates (tqpipe.quant.scales)
+
+TQ_INLINE float round_half(float x) { return static_cast<float>(float16_t(x)); }
+
+// The next scale candidate: an over-relaxed least-squares step from s, rounded to float16.
+TQ_INLINE float next_candidate(float s, float num, float den) {
+  return round_half(s + kRelaxation * ((den > 0 ? num / den : s) - s));
 }
 
+// One candidate scale s for a group: its nearest-level indices, ⟨w,c⟩, ⟨c,c⟩ and ‖s·c - w‖².
+// Index = #{mids < v}, c = lv[0] + the steps passed: arithmetic over 8 lanes that the compiler vectorizes.
 template <int NM>
-TQ_INLINE void quantize_group_t(const float* g, int gs, const float* lv, const float* mids, const float* steps,
-                                bool mse, int iters, uint8_t* idx, float16_t* scale_out, float* err) {
-  float sv[8] = {};
-  for (int i = 0; i < gs; i += 8)
-    for (int j = 0; j < 8; ++j) sv[j] += g[i + j] * g[i + j];
-  float ss = 0.f;
-  for (int j = 0; j < 8; ++j) ss += sv[j];
-  float scale = std::sqrt(ss / gs);
-  if (mse) {
-    for (int it = 0; it < iters; ++it) {
-      float num, den;
-      group_stats<NM>(g, gs, scale > 0 ? 1.f / scale : 1.f, lv, mids, steps, num, den);
-      const float next = den > 0 ? num / den : scale;
-      if (next == scale) break;  // a fixed point: further steps would repeat it exactly
-      scale = next;
-    }
-  }
-  const float16_t s16(scale);
-  const float s = static_cast<float>(s16);
+TQ_INLINE void score_candidate(const float* g, int gs, float s, const float* lv, const float* mids,
+                               const float* steps, uint8_t* idx, float& num, float& den, float& err) {
   const float inv = 1.f / (s > 0 ? s : 1.f);
-  float w2[8] = {}, d2[8] = {}, wh[8] = {};
+  float nv[8] = {}, dv[8] = {}, ev[8] = {};
   for (int i = 0; i < gs; i += 8) {
     float v[8], c[8], k[8];
     for (int j = 0; j < 8; ++j) {
@@ -214,33 +181,62 @@ TQ_INLINE void quantize_group_t(const float* g, int gs, const float* lv, const f
       }
     }
     for (int j = 0; j < 8; ++j) {
-      const float x = g[i + j], xh = c[j] * s;
+      const float d = c[j] * s - g[i + j];
       idx[i + j] = uint8_t(k[j]);
-      w2[j] += x * x;
-      d2[j] += (xh - x) * (xh - x);
-      wh[j] += xh * x;
+      nv[j] += g[i + j] * c[j];
+      dv[j] += c[j] * c[j];
+      ev[j] += d * d;
     }
   }
+  num = den = err = 0.f;
   for (int j = 0; j < 8; ++j) {
-    err[0] += w2[j];
-    err[1] += d2[j];
-    err[2] += wh[j];
+    num += nv[j];
+    den += dv[j];
+    err += ev[j];
   }
-  *scale_out = s16;
+}
+
+// The scale search of tqpipe.quant.scales.quantize_groups for one group: up to `candidates` float16
+// scales from the RMS one, the best kept. idx gets its indices, err[0..2] += ‖w‖², ‖ŵ-w‖², ⟨ŵ,w⟩.
+template <int NM>
+TQ_INLINE void quantize_group_t(const float* g, int gs, const float* lv, const float* mids, const float* steps,
+                                int candidates, uint8_t* idx, uint8_t* scratch, float16_t* scale_out,
+                                float* err) {
+  float sv[8] = {};
+  for (int i = 0; i < gs; i += 8)
+    for (int j = 0; j < 8; ++j) sv[j] += g[i + j] * g[i + j];
+  float ss = 0.f;
+  for (int j = 0; j < 8; ++j) ss += sv[j];
+  float s = round_half(std::sqrt(ss / gs)), best_s = s, best_e = INFINITY, best_num = 0.f;
+  for (int t = 0; t < candidates; ++t) {
+    float num, den, e;
+    score_candidate<NM>(g, gs, s, lv, mids, steps, scratch, num, den, e);
+    if (e < best_e) {
+      best_s = s, best_e = e, best_num = num;
+      std::memcpy(idx, scratch, size_t(gs));
+    }
+    const float next = next_candidate(s, num, den);
+    if (next == s) break;  // the float16 scale no longer moves
+    s = next;
+  }
+  err[0] += ss;
+  err[1] += best_e;
+  err[2] += best_s * best_num;
+  *scale_out = float16_t(best_s);
 }
 
 TQ_CLONES void quantize_group(int bits, const float* g, int gs, const float* lv, const float* mids,
-                              const float* steps, bool mse, int iters, uint8_t* idx, float16_t* scale_out,
-                              float* err) {
+                              const float* steps, int candidates, uint8_t* idx, uint8_t* scratch,
+                              float16_t* scale_out, float* err) {
   switch (bits) {
-    case 1: return quantize_group_t<1>(g, gs, lv, mids, steps, mse, iters, idx, scale_out, err);
-    case 2: return quantize_group_t<3>(g, gs, lv, mids, steps, mse, iters, idx, scale_out, err);
-    case 3: return quantize_group_t<7>(g, gs, lv, mids, steps, mse, iters, idx, scale_out, err);
-    case 4: return quantize_group_t<15>(g, gs, lv, mids, steps, mse, iters, idx, scale_out, err);
-    case 5: return quantize_group_t<31>(g, gs, lv, mids, steps, mse, iters, idx, scale_out, err);
-    case 6: return quantize_group_t<63>(g, gs, lv, mids, steps, mse, iters, idx, scale_out, err);
-    case 7: return quantize_group_t<127>(g, gs, lv, mids, steps, mse, iters, idx, scale_out, err);
-    default: return quantize_group_t<255>(g, gs, lv, mids, steps, mse, iters, idx, scale_out, err);
+    case 1: return quantize_group_t<1>(g, gs, lv, mids, steps, candidates, idx, scratch, scale_out, err);
+    case 2: return quantize_group_t<3>(g, gs, lv, mids, steps, candidates, idx, scratch, scale_out, err);
+    case 3: return quantize_group_t<7>(g, gs, lv, mids, steps, candidates, idx, scratch, scale_out, err);
+    case 4: return quantize_group_t<15>(g, gs, lv, mids, steps, candidates, idx, scratch, scale_out, err);
+    case 5: return quantize_group_t<31>(g, gs, lv, mids, steps, candidates, idx, scratch, scale_out, err);
+    case 6: return quantize_group_t<63>(g, gs, lv, mids, steps, candidates, idx, scratch, scale_out, err);
+    case 7: return quantize_group_t<127>(g, gs, lv, mids, steps, candidates, idx, scratch, scale_out, err);
+    default: return quantize_group_t<255>(g, gs, lv, mids, steps, candidates, idx, scratch, scale_out, err);
   }
 }
 
@@ -271,23 +267,34 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 sum_lanes8(cons
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// One row, bits <= 4, group size a multiple of 32: the scale search, the nearest levels, the bit
-// stream and the error sums, 8 lanes at a time. Same arithmetic as the portable path.
+// 32 indices as 4 vectors of 8, each index already shifted to bit j·B of its 8B-bit chunk -> B words.
 template <int B>
-__attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int n, int gs, const float* lv,
-                                                          const float* mids, const float* steps, bool mse,
-                                                          int iters, uint32_t* packed, float16_t* scales,
-                                                          double* err, float* group_scales) {
+__attribute__((target("avx2,fma"), always_inline)) inline void pack32(const __m256i* kv, uint32_t* out) {
+  // the four chunks (disjoint bits, so sums are ORs), then the block's B words
+  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(kv[0], kv[1]), _mm256_hadd_epi32(kv[2], kv[3]));
+  alignas(16) uint32_t u[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(u), _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
+  unsigned __int128 stream = 0;
+  for (int v = 0; v < 4; ++v) stream |= static_cast<unsigned __int128>(u[v]) << (8 * B * v);
+  for (int i = 0; i < B; ++i) out[i] = uint32_t(stream >> (32 * i));
+}
+
+// One row, bits <= 4, group size a multiple of 32: the scale search of the portable path, 8 groups
+// interleaved. Each candidate pass yields the bit stream and exact error of that scale, so the best
+// one is kept without a final pass. scratch holds 8 groups' packed words.
+template <int B>
+__attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int n, int gs, const float* mids,
+                                                          const float* lv, int candidates, uint32_t* packed,
+                                                          float16_t* scales, double* err, uint32_t* scratch) {
   constexpr int NM = (1 << B) - 1;
   __m256 mv[NM];
   for (int t = 0; t < NM; ++t) mv[t] = _mm256_set1_ps(mids[t]);
   alignas(32) float lut[16] = {};
   for (int i = 0; i <= NM; ++i) lut[i] = lv[i];
   const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
-  __m256 w2 = _mm256_setzero_ps(), d2 = w2, wh = w2;
   const __m256i lane_shift = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
-  const int groups = n / gs;
-  for (int gb = 0; gb < groups; gb += 8) {  // scales of 8 groups at once: their searches interleave
+  const int groups = n / gs, words = gs * B / 32;
+  for (int gb = 0; gb < groups; gb += 8) {
     const int cnt = std::min(8, groups - gb);
     const float* g0 = row + size_t(gb) * gs;
     __m256 part[8];
@@ -298,66 +305,59 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int
         part[j] = _mm256_fmadd_ps(x, x, part[j]);
       }
     }
-    __m256 scale = _mm256_sqrt_ps(_mm256_div_ps(sum_lanes8(part), _mm256_set1_ps(float(gs))));
-    for (int it = 0; mse && it < iters; ++it) {
-      const __m256 pos = _mm256_cmp_ps(scale, _mm256_setzero_ps(), _CMP_GT_OQ);
-      const __m256 inv = _mm256_blendv_ps(_mm256_set1_ps(1.f), _mm256_div_ps(_mm256_set1_ps(1.f), scale), pos);
-      alignas(32) float invs[8];
-      _mm256_store_ps(invs, inv);
-      __m256 num[8], den[8];
+    alignas(32) float ss[8], s[8], best_s[8], best_e[8], best_num[8], nm[8], dn[8], er[8];
+    _mm256_store_ps(ss, sum_lanes8(part));
+    for (int j = 0; j < 8; ++j) {
+      s[j] = best_s[j] = round_half(std::sqrt(ss[j] / gs));
+      best_e[j] = INFINITY;
+      best_num[j] = 0.f;
+    }
+    unsigned moving = (1u << cnt) - 1;  // groups whose float16 scale still moves
+    for (int t = 0; moving && t < candidates; ++t) {
+      __m256 num[8], den[8], e[8];
       for (int j = 0; j < 8; ++j) {
-        num[j] = den[j] = _mm256_setzero_ps();
-        const __m256 ib = _mm256_set1_ps(invs[j]);
-        for (int i = 0; j < cnt && i < gs; i += 8) {
-          const __m256 x = _mm256_loadu_ps(g0 + j * gs + i);
-          const __m256 c = level_at<B>(nearest_index<NM>(_mm256_mul_ps(x, ib), mv), lut_lo, lut_hi);
-          num[j] = _mm256_fmadd_ps(x, c, num[j]);
-          den[j] = _mm256_fmadd_ps(c, c, den[j]);
+        __m256 an = _mm256_setzero_ps(), ad = an, ae = an;  // in registers: arrays indexed by j would live on the stack
+        if (moving >> j & 1) {
+          const __m256 ib = _mm256_set1_ps(1.f / (s[j] > 0 ? s[j] : 1.f)), sb = _mm256_set1_ps(s[j]);
+          const float* g = g0 + size_t(j) * gs;
+          for (int b0 = 0; b0 < gs; b0 += 32) {
+            __m256i kv[4];
+            for (int i = 0; i < 32; i += 8) {
+              const __m256 x = _mm256_loadu_ps(g + b0 + i);
+              const __m256i k = nearest_index<NM>(_mm256_mul_ps(x, ib), mv);
+              const __m256 c = level_at<B>(k, lut_lo, lut_hi);
+              kv[i / 8] = _mm256_sllv_epi32(k, lane_shift);  // index j of 8 at bit j·B
+              const __m256 d = _mm256_fmsub_ps(c, sb, x);
+              an = _mm256_fmadd_ps(x, c, an);
+              ad = _mm256_fmadd_ps(c, c, ad);
+              ae = _mm256_fmadd_ps(d, d, ae);
+            }
+            pack32<B>(kv, scratch + size_t(j) * words + b0 / 32 * B);
+          }
         }
+        num[j] = an, den[j] = ad, e[j] = ae;
       }
-      const __m256 dn = sum_lanes8(den);
-      const __m256 next = _mm256_blendv_ps(scale, _mm256_div_ps(sum_lanes8(num), dn),
-                                           _mm256_cmp_ps(dn, _mm256_setzero_ps(), _CMP_GT_OQ));
-      // a group whose assignment repeats stays put exactly, so the batch stops when all do
-      const bool settled = _mm256_movemask_ps(_mm256_cmp_ps(next, scale, _CMP_EQ_OQ)) == 0xFF;
-      scale = next;
-      if (settled) break;
+      _mm256_store_ps(nm, sum_lanes8(num));
+      _mm256_store_ps(dn, sum_lanes8(den));
+      _mm256_store_ps(er, sum_lanes8(e));
+      for (int j = 0; j < 8; ++j) {
+        if (!(moving >> j & 1)) continue;
+        if (er[j] < best_e[j]) {
+          best_s[j] = s[j], best_e[j] = er[j], best_num[j] = nm[j];
+          std::memcpy(packed + size_t(gb + j) * words, scratch + size_t(j) * words, sizeof(uint32_t) * words);
+        }
+        const float next = next_candidate(s[j], nm[j], dn[j]);
+        if (next == s[j]) moving &= ~(1u << j);
+        s[j] = next;
+      }
     }
-    _mm256_storeu_ps(group_scales + gb, scale);  // the buffer has room for a whole last batch
-  }
-  for (int gi = 0; gi < groups; ++gi) {
-    const float* g = row + size_t(gi) * gs;
-    const float scale = group_scales[gi];
-    const float16_t s16(scale);
-    const float s = static_cast<float>(s16);
-    *scales++ = s16;
-    const __m256 inv = _mm256_set1_ps(1.f / (s > 0 ? s : 1.f)), sb = _mm256_set1_ps(s);
-    for (int b0 = 0; b0 < gs; b0 += 32) {
-      __m256i kv[4];
-      for (int i = 0; i < 32; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + b0 + i);
-        const __m256i k = nearest_index<NM>(_mm256_mul_ps(x, inv), mv);
-        const __m256 c = level_at<B>(k, lut_lo, lut_hi);
-        kv[i / 8] = _mm256_sllv_epi32(k, lane_shift);  // index j of 8 at bit j·B
-        const __m256 xh = _mm256_mul_ps(c, sb), d = _mm256_sub_ps(xh, x);
-        w2 = _mm256_fmadd_ps(x, x, w2);
-        d2 = _mm256_fmadd_ps(d, d, d2);
-        wh = _mm256_fmadd_ps(xh, x, wh);
-      }
-      // the four 8B-bit chunks (disjoint bits, so sums are ORs), then the block's B words
-      const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(kv[0], kv[1]), _mm256_hadd_epi32(kv[2], kv[3]));
-      alignas(16) uint32_t u[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(u),
-                      _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
-      unsigned __int128 stream = 0;
-      for (int v = 0; v < 4; ++v) stream |= static_cast<unsigned __int128>(u[v]) << (8 * B * v);
-      for (int i = 0; i < B; ++i) packed[i] = uint32_t(stream >> (32 * i));
-      packed += B;
+    for (int j = 0; j < cnt; ++j) {
+      scales[gb + j] = float16_t(best_s[j]);
+      err[0] += ss[j];
+      err[1] += best_e[j];
+      err[2] += best_s[j] * best_num[j];
     }
   }
-  err[0] += hsum8(w2);
-  err[1] += hsum8(d2);
-  err[2] += hsum8(wh);
 }
 
 #endif
@@ -427,34 +427,37 @@ ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const flo
     mids[t] = (levels[t] + levels[t + 1]) / 2;
     steps[t] = levels[t + 1] - levels[t];
   }
-  const int words = n * spec.bits / 32, groups = n / gs;
+  const int words = n * spec.bits / 32, groups = n / gs, candidates = std::max(1, spec.candidates);
   std::vector<double> row_err(size_t(rows) * 3, 0.0);  // per row, summed in order below: thread-count independent
   // rows are independent: split them over the worker pool, each thread with its own buffers
   parallel_for(size_t(rows), size_t(rows) * n * 8, [&](size_t r0, size_t r1) {
-    std::vector<float> row(n), tmp, group_scales(groups + 8);
-    std::vector<uint8_t> idx(n);
+    std::vector<float> row(n), tmp;
+    std::vector<uint8_t> idx(n), scratch(gs);
+    std::vector<uint32_t> scratch_words(size_t(8) * gs * spec.bits / 32 + 1);
     for (size_t r = r0; r < r1; ++r) {
       load_row(w + r * n, signs, n, row.data());
       for (int b = 0; b < n; b += spec.block) rotate_block(row.data() + b, H, tmp);
       float16_t* sc = reinterpret_cast<float16_t*>(scales + r * groups);
       double* e = row_err.data() + 3 * r;
+      uint32_t* out = packed + r * words;
 #if defined(__x86_64__) && defined(__GNUC__)
       if (spec.bits <= 4 && has_avx2()) {
-        uint32_t* out = packed + r * words;
+        float* x = row.data();
+        uint32_t* sw = scratch_words.data();
         switch (spec.bits) {
-          case 1: quantize_row_avx2<1>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e, group_scales.data()); break;
-          case 2: quantize_row_avx2<2>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e, group_scales.data()); break;
-          case 3: quantize_row_avx2<3>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e, group_scales.data()); break;
-          default: quantize_row_avx2<4>(row.data(), n, gs, levels, mids.data(), steps.data(), spec.mse, spec.iters, out, sc, e, group_scales.data()); break;
+          case 1: quantize_row_avx2<1>(x, n, gs, mids.data(), levels, candidates, out, sc, e, sw); break;
+          case 2: quantize_row_avx2<2>(x, n, gs, mids.data(), levels, candidates, out, sc, e, sw); break;
+          case 3: quantize_row_avx2<3>(x, n, gs, mids.data(), levels, candidates, out, sc, e, sw); break;
+          default: quantize_row_avx2<4>(x, n, gs, mids.data(), levels, candidates, out, sc, e, sw); break;
         }
         continue;
       }
 #endif
       float ef[3] = {0.f, 0.f, 0.f};
       for (int gi = 0; gi < groups; ++gi)
-        quantize_group(spec.bits, row.data() + size_t(gi) * gs, gs, levels, mids.data(), steps.data(), spec.mse,
-                       spec.iters, idx.data() + size_t(gi) * gs, sc + gi, ef);
-      pack_row(idx.data(), n, spec.bits, packed + r * words);
+        quantize_group(spec.bits, row.data() + size_t(gi) * gs, gs, levels, mids.data(), steps.data(), candidates,
+                       idx.data() + size_t(gi) * gs, scratch.data(), sc + gi, ef);
+      pack_row(idx.data(), n, spec.bits, out);
       for (int k = 0; k < 3; ++k) e[k] = ef[k];
     }
   });

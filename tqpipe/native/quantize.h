@@ -10,8 +10,7 @@ struct QuantizeSpec {
   int block;       // Hadamard block, m·2^k with m in {1, 12, 20, 28}
   int bits;        // 1..8
   int group_size;  // multiple of 32 dividing n
-  bool mse;        // least-squares scale refinement (else the group RMS)
-  int iters;       // refinement steps
+  int candidates;  // float16 scales scored per group (1: the RMS scale; see tqpipe.quant.scales)
 };
 
 struct ErrorSums {

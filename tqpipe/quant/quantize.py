@@ -11,7 +11,7 @@ from tqpipe.native import native_kernels
 from tqpipe.quant.gptq import gptq_quantize, inverse_hessian_factor
 from tqpipe.quant.packing import pack_indices, packed_words
 from tqpipe.quant.rotation import rotate
-from tqpipe.quant.scales import ScaleMethod, dequantize_groups, quantize_groups
+from tqpipe.quant.scales import ScaleMethod, dequantize_groups, quantize_groups, scale_candidates
 
 CHUNK_ELEMENTS = 1 << 18  # rows are quantized in chunks of about this many weights (1 MB float32: cache-sized)
 NATIVE_CHUNK_ELEMENTS = 1 << 22  # the native path reads the source dtype in place: larger calls, fewer round trips
@@ -117,7 +117,7 @@ def quantize_tensor(
             rows_in = flat[r0:r1].view(mx.uint16) if w.dtype == mx.bfloat16 else flat[r0:r1].astype(mx.float32)
             p, sc, w2, d2, wh = nat.quantize_rows(
                 np.ascontiguousarray(to_numpy(rows_in)), signs8, block, levels32, bits=bits,
-                group_size=group_size, mse=scale_method == "mse")
+                group_size=group_size, candidates=scale_candidates(scale_method))
             packed[r0:r1], scales[r0:r1] = p, sc.view(np.float16)
             errors.w2, errors.d2, errors.wh = errors.w2 + w2, errors.d2 + d2, errors.wh + wh
             continue

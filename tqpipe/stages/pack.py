@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +74,19 @@ def _hessian(key: str) -> np.ndarray | None:
         return f.get_tensor(key) if key in f.keys() else None
 
 
-def _pack_one(t: dict[str, Any]) -> tuple[str, Any]:
+def _pack_one(t: dict[str, Any]) -> tuple[str, Any, float, float]:
+    """Pack one planned tensor; also returns the seconds spent reading it and quantizing it."""
     # pop: once evaluated, an array kept in the dict would hold its data for the worker's lifetime
     w = _worker["weights"].pop(f"{t['path']}.weight")
+    started = time.perf_counter()
+    mx.eval(w)
+    read = time.perf_counter()
     q = quantize_tensor(
         w, _worker["signs"][t["signs_key"]], t["block"], _worker["levels"][t["codebook"]],
         bits=t["bits"], group_size=t["group_size"], scale_method=_worker["scale_method"],
         hessian=_hessian(t["signs_key"]), damp=_worker["damp"],
     )
-    return t["path"], q
+    return t["path"], q, read - started, time.perf_counter() - read
 
 
 # --- main side
@@ -122,6 +127,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         workers = auto_workers(_worker_bytes(plan, weights), requested=ctx.workers)
     log.info("pack: %d tensors with %d worker process(es)", len(plan), workers)
     writer = ShardWriter(ctx.out)
+    seconds = {"read": 0.0, "quantize": 0.0}
     modules, report = {}, []
     by_path = {t["path"]: t for t in plan}
     levels = {name: b["levels"] for name, b in books.items()}
@@ -130,7 +136,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         initargs=(str(fetched), str(rotated), levels, recipe.codebook.scale_method, recipe.calibration.damp),
     )
     with tqdm(total=sum(int(np.prod(t["shape"])) for t in plan), desc="pack", unit="w", unit_scale=True) as bar:
-        for path, q in results:
+        for path, q, read_s, quantize_s in results:
+            seconds["read"] += read_s
+            seconds["quantize"] += quantize_s
             t = by_path[path]
             weights.pop(f"{path}.weight")
             writer.add(f"{path}.weight", q.packed)
@@ -145,6 +153,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for name in sorted(weights):  # the kept tensors: each shard evaluates what it holds
         writer.add(name, kept(name))
     files = writer.finish()
+    seconds["waiting_for_writes"] = writer.waited
+    log.info("pack: %.1fs reading, %.1fs quantizing (summed over workers), %.1fs waiting for the shard writer",
+             seconds["read"], seconds["quantize"], seconds["waiting_for_writes"])
     ctx.hashes.update(writer.hashes)
 
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
@@ -165,4 +176,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
     errs = np.array([r["rel_mse"] for r in report])
     return {"tensors": len(report), "shards": len(files), "workers": workers,
             "mean_rel_mse": float(errs.mean()), "max_rel_mse": float(errs.max()),
-            "calibration": recipe.calibration.mode}
+            "calibration": recipe.calibration.mode, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
