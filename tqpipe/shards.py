@@ -34,7 +34,7 @@ def _as_numpy(array: mx.array | np.ndarray) -> tuple[np.ndarray, str]:
     mx.eval(array)
     name = str(array.dtype).removeprefix("mlx.core.")
     bits = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
-    return np.asarray(memoryview(bits)), name
+    return np.ascontiguousarray(np.asarray(memoryview(bits))), name  # a strided view (a transpose) is copied
 
 
 def _write(path: Path, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict[str, str]) -> str:
