@@ -3,14 +3,18 @@
 The product at 4096×4096, 1536×576 and 49152×576, batch 1 and 32, 2/3/4 bits
 (tqpipe b-bit g32 against mlx affine b-bit g64 and float32; median of 15 calls
 after 2 warm-up calls), with the native kernel's error against the reference;
-then tqpipe's rotate-and-quantize on 1024×4096 float32 rows.
+then the pack quantizer: tqpipe's rotate-and-quantize against ``mx.quantize`` (what
+``mlx_lm.convert -q`` runs) on the same 2048×8192 bfloat16 rows, median of 5 calls,
+with the cores each kept busy (CPU time over wall time).
 
     python bench/kernel_speed.py
+    python bench/kernel_speed.py --quantize-only
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import tqpipe  # noqa: F401  (fast BLAS before mlx)
@@ -44,6 +48,8 @@ def main() -> None:
     nat = native_kernels()
     if nat is None:
         raise SystemExit("tqpipe._native is not usable here (see the log); run `pip install -e .`")
+    if "--quantize-only" in sys.argv[1:]:
+        return quantize_speed(nat)
     print("Median ms per call. tqpipe b-bit g32 against mlx affine b-bit g64 (same bits/weight) and float32. "
           "'native' is the C++ kernel itself; 'runtime' is what TQLinear calls (the native product for few "
           "rows, native dequantize + BLAS for many: runtime.kernels.use_native_product); 'max rel err' compares "
@@ -71,15 +77,39 @@ def main() -> None:
                        / mx.abs(ref).max()).item()
                 print(f"| {out}×{n} | {bits} | {m} | {tn * 1e3:.2f} | {tr * 1e3:.2f} | {ta * 1e3:.2f} | "
                       f"{tf * 1e3:.2f} | {ta / tn:.1f}× | {err:.1e} |", flush=True)
-    rows = np.random.default_rng(0).standard_normal((1024, 4096), dtype=np.float32)
-    signs = np.ones(4096, np.int8)
-    print("\n| bits | scales | quantize_rows (M weights/s, all cores) |\n|---|---|---|")
+    quantize_speed(nat)
+
+
+def _median_call(fn, repeat: int = 5) -> tuple[float, float]:
+    """Median wall seconds of ``fn()`` after one warm-up call, and CPU seconds over wall seconds (cores busy)."""
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeat):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), sum(cpus) / sum(walls)
+
+
+def quantize_speed(nat) -> None:
+    rows, n = 2048, 8192
+    w = mx.random.normal((rows, n), key=mx.random.key(2)).astype(mx.bfloat16)
+    mx.eval(w)
+    bits16 = np.asarray(memoryview(w.view(mx.uint16)))
+    signs = np.random.default_rng(0).choice([-1, 1], n).astype(np.int8)
+    print(f"\nPack quantizer on {rows}×{n} bfloat16 rows, M weights/s (cores busy), median of 5 calls:\n")
+    print("| bits | tqpipe, mse scales (3 candidates) | tqpipe, rms scales | mx.quantize, affine g64 |\n|---|---|---|---|")
     for bits in (2, 3, 4):
         lv = lloyd_max_gaussian(bits).astype(np.float32)
+        cells = []
         for method in ("mse", "rms"):
-            t = time.perf_counter()
-            nat.quantize_rows(rows, signs, 4096, lv, bits=bits, group_size=32, candidates=scale_candidates(method))
-            print(f"| {bits} | {method} | {rows.size / (time.perf_counter() - t) / 1e6:.0f} |")
+            t, busy = _median_call(lambda: nat.quantize_rows(bits16, signs, 4096, lv, bits=bits, group_size=32,
+                                                             candidates=scale_candidates(method)))
+            cells.append(f"{w.size / t / 1e6:.0f} ({busy:.1f})")
+        t, busy = _median_call(lambda: mx.eval(mx.quantize(w, group_size=64, bits=bits)))
+        cells.append(f"{w.size / t / 1e6:.0f} ({busy:.1f})")
+        print(f"| {bits} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,7 @@ def remembered_sha256(files: list[Path], cache: Path) -> dict[Path, str]:
     not read again, as git's index does for its work tree. The files still
     unknown are hashed on all cores.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqpipe.manifest import sha256_file
+    from tqpipe.manifest import on_all_cores, sha256_file
 
     folder = cache / "sha256"
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,5 +76,4 @@ def remembered_sha256(files: list[Path], cache: Path) -> dict[Path, str]:
         os.replace(tmp, remembered)
         return value
 
-    with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1) or 1) as pool:
-        return dict(zip(files, pool.map(digest, files)))
+    return dict(zip(files, on_all_cores(digest, files)))

@@ -15,11 +15,14 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MANIFEST = "manifest.json"
+T = TypeVar("T")
+R = TypeVar("R")
 _PACKAGES = ("tqpipe", "mlx", "mlx-lm", "numpy", "safetensors", "huggingface_hub", "gguf")
 
 
@@ -80,14 +83,19 @@ def file_hashes(folder: Path, known: dict[str, str] | None = None) -> dict[str, 
     ``known`` gives digests the caller already has (relative path -> sha256), e.g. a
     shard hashed right after it was written; those files are not read again.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     known = known or {}
     names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
     todo = [n for n in names if n not in known]
-    with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1) or 1) as pool:
-        computed = dict(zip(todo, pool.map(lambda n: sha256_file(folder / n), todo)))
+    computed = dict(zip(todo, on_all_cores(lambda n: sha256_file(folder / n), todo)))
     return {n: known.get(n) or computed[n] for n in names}
+
+
+def on_all_cores(fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on one thread per core: for work that releases the GIL, like hashing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1) or 1) as pool:
+        return list(pool.map(fn, items))
 
 
 def folder_digest(folder: Path) -> str:

@@ -2,16 +2,18 @@
 
 Streams tensor by tensor. Data-free with the native extension, this process
 does it all and the C++ quantizer spreads each tensor's rows over the cores;
-otherwise worker processes (one per core, fewer when memory is short) read a weight lazily from the fetched safetensors, rotate it with
-the signs from ``rotate``, quantize it in row chunks (GPTQ error feedback when
-``rotate`` wrote Hessians) and return the packed result, which is written into
-safetensors shards of bounded size. Memory therefore follows the largest
+otherwise worker processes (one per core, fewer when memory is short) read a
+weight lazily from the fetched safetensors, rotate it with the signs from
+``rotate``, quantize it in row chunks (GPTQ error feedback when ``rotate``
+wrote Hessians) and return the packed result. A background thread writes it
+into safetensors shards of bounded size. Memory therefore follows the largest
 tensor, not the model.
 
 Writes ``model.safetensors`` (or shards plus ``model.safetensors.index.json``)
 with the packed layers and the kept tensors, ``config.json`` with a ``tqpipe``
 section that tells the loader everything (format version, codebooks and, per
-module: bits, group size, codebook, rotation block and the key of the input it shares), the tokenizer files, and
+module: bits, group size, codebook, rotation block and the key of the input it
+shares), the tokenizer files, and
 ``pack_report.json`` with each tensor's reconstruction error.
 """
 
