@@ -84,15 +84,18 @@ def test_version_mismatch_falls_back_to_reference_and_says_so(monkeypatch, caplo
         native_kernels.cache_clear()
 
 
-@pytest.mark.parametrize("bits, method, width", [(2, "mse", 4096), (3, "mse", 2688), (4, "rms", 576), (3, "rms", 1536)])
-def test_native_quantizer_matches_the_numpy_path(bits, method, width, monkeypatch):
+@pytest.mark.parametrize("bits, method, width, group_size", [
+    (2, "mse", 4096, 32), (3, "mse", 2688, 32), (4, "rms", 576, 32), (3, "rms", 1536, 32), (1, "mse", 1024, 32),
+    (4, "mse", 2048, 64), (3, "mse", 320, 64),  # 320/64 = 5 groups: a partial batch of 8
+])
+def test_native_quantizer_matches_the_numpy_path(bits, method, width, group_size, monkeypatch):
     """Same rotation (blocks m·2^k included), scales and bit stream as tqpipe.quant, up to float rounding."""
     import tqpipe.quant.quantize as q
     from tqpipe.quant.rotation import hadamard_block_size, random_signs
 
     w = (mx.random.normal((64, width), key=mx.random.key(6)) * 0.02).astype(mx.bfloat16)
     signs, block, levels = random_signs(width, seed=0, key="t"), hadamard_block_size(width), lloyd_max_gaussian(bits)
-    args = dict(bits=bits, group_size=32, scale_method=method)
+    args = dict(bits=bits, group_size=group_size, scale_method=method)
     fast = q.quantize_tensor(w, signs, block, levels, **args)
     monkeypatch.setattr(q, "native_kernels", lambda: None)
     slow = q.quantize_tensor(w, signs, block, levels, **args)

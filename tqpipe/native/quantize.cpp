@@ -272,20 +272,36 @@ template <int B>
 __attribute__((target("avx2,fma"), always_inline)) inline void pack32(const __m256i* kv, uint32_t* out) {
   // the four chunks (disjoint bits, so sums are ORs), then the block's B words
   const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(kv[0], kv[1]), _mm256_hadd_epi32(kv[2], kv[3]));
-  alignas(16) uint32_t u[4];
-  _mm_store_si128(reinterpret_cast<__m128i*>(u), _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
-  unsigned __int128 stream = 0;
-  for (int v = 0; v < 4; ++v) stream |= static_cast<unsigned __int128>(u[v]) << (8 * B * v);
-  for (int i = 0; i < B; ++i) out[i] = uint32_t(stream >> (32 * i));
+  const __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));  // 4 chunks of 8B bits
+  if constexpr (B == 4) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), u);
+  } else if constexpr (B == 3) {  // 24-bit chunks: word i = chunk i >> 8i | chunk i+1 << (24 - 8i)
+    const __m128i lo = _mm_srlv_epi32(u, _mm_setr_epi32(0, 8, 16, 0));
+    const __m128i hi = _mm_sllv_epi32(_mm_shuffle_epi32(u, 0xF9), _mm_setr_epi32(24, 16, 8, 0));
+    const __m128i w = _mm_or_si128(lo, hi);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), w);
+    out[2] = uint32_t(_mm_extract_epi32(w, 2));
+  } else if constexpr (B == 2) {  // 16-bit chunks, two per word
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi32(u, u));
+  } else {  // 8-bit chunks, four per word
+    const __m128i h = _mm_packus_epi32(u, u);
+    out[0] = uint32_t(_mm_cvtsi128_si32(_mm_packus_epi16(h, h)));
+  }
+}
+
+// x rounded to float16 and back, 8 lanes (F16C; the same round-to-nearest-even as float16_t)
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 round_half8(__m256 x) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 // One row, bits <= 4, group size a multiple of 32: the scale search of the portable path, 8 groups
-// interleaved. Each candidate pass yields the bit stream and exact error of that scale, so the best
-// one is kept without a final pass. scratch holds 8 groups' packed words.
+// interleaved, their scales and errors one lane each. Each candidate pass yields the bit stream and
+// exact error of that scale, so the best one is kept without a final pass. scratch holds 8 groups'
+// packed words.
 template <int B>
-__attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int n, int gs, const float* mids,
-                                                          const float* lv, int candidates, uint32_t* packed,
-                                                          float16_t* scales, double* err, uint32_t* scratch) {
+__attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row, int n, int gs, const float* mids,
+                                                               const float* lv, int candidates, uint32_t* packed,
+                                                               float16_t* scales, double* err, uint32_t* scratch) {
   constexpr int NM = (1 << B) - 1;
   __m256 mv[NM];
   for (int t = 0; t < NM; ++t) mv[t] = _mm256_set1_ps(mids[t]);
@@ -293,6 +309,7 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int
   for (int i = 0; i <= NM; ++i) lut[i] = lv[i];
   const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
   const __m256i lane_shift = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f), omega = _mm256_set1_ps(kRelaxation);
   const int groups = n / gs, words = gs * B / 32;
   for (int gb = 0; gb < groups; gb += 8) {
     const int cnt = std::min(8, groups - gb);
@@ -305,20 +322,19 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int
         part[j] = _mm256_fmadd_ps(x, x, part[j]);
       }
     }
-    alignas(32) float ss[8], s[8], best_s[8], best_e[8], best_num[8], nm[8], dn[8], er[8];
-    _mm256_store_ps(ss, sum_lanes8(part));
-    for (int j = 0; j < 8; ++j) {
-      s[j] = best_s[j] = round_half(std::sqrt(ss[j] / gs));
-      best_e[j] = INFINITY;
-      best_num[j] = 0.f;
-    }
+    const __m256 ss = sum_lanes8(part);
+    __m256 s = round_half8(_mm256_sqrt_ps(_mm256_div_ps(ss, _mm256_set1_ps(float(gs)))));
+    __m256 best_s = s, best_e = _mm256_set1_ps(INFINITY), best_num = zero;
     unsigned moving = (1u << cnt) - 1;  // groups whose float16 scale still moves
     for (int t = 0; moving && t < candidates; ++t) {
+      alignas(32) float sj[8], ij[8];
+      _mm256_store_ps(sj, s);
+      _mm256_store_ps(ij, _mm256_div_ps(one, _mm256_blendv_ps(one, s, _mm256_cmp_ps(s, zero, _CMP_GT_OQ))));
       __m256 num[8], den[8], e[8];
       for (int j = 0; j < 8; ++j) {
         __m256 an = _mm256_setzero_ps(), ad = an, ae = an;  // in registers: arrays indexed by j would live on the stack
         if (moving >> j & 1) {
-          const __m256 ib = _mm256_set1_ps(1.f / (s[j] > 0 ? s[j] : 1.f)), sb = _mm256_set1_ps(s[j]);
+          const __m256 ib = _mm256_set1_ps(ij[j]), sb = _mm256_set1_ps(sj[j]);
           const float* g = g0 + size_t(j) * gs;
           for (int b0 = 0; b0 < gs; b0 += 32) {
             __m256i kv[4];
@@ -337,25 +353,37 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* row, int
         }
         num[j] = an, den[j] = ad, e[j] = ae;
       }
-      _mm256_store_ps(nm, sum_lanes8(num));
-      _mm256_store_ps(dn, sum_lanes8(den));
-      _mm256_store_ps(er, sum_lanes8(e));
-      for (int j = 0; j < 8; ++j) {
-        if (!(moving >> j & 1)) continue;
-        if (er[j] < best_e[j]) {
-          best_s[j] = s[j], best_e[j] = er[j], best_num[j] = nm[j];
-          std::memcpy(packed + size_t(gb + j) * words, scratch + size_t(j) * words, sizeof(uint32_t) * words);
-        }
-        const float next = next_candidate(s[j], nm[j], dn[j]);
-        if (next == s[j]) moving &= ~(1u << j);
-        s[j] = next;
+      const __m256 nm = sum_lanes8(num), dn = sum_lanes8(den), er = sum_lanes8(e);
+      const unsigned live = moving;
+      const __m256 better = _mm256_cmp_ps(er, best_e, _CMP_LT_OQ);  // NaN never wins, as in the scalar path
+      for (unsigned m = unsigned(_mm256_movemask_ps(better)) & live; m; m &= m - 1) {
+        const int j = __builtin_ctz(m);
+        std::memcpy(packed + size_t(gb + j) * words, scratch + size_t(j) * words, sizeof(uint32_t) * words);
       }
+      const __m256 take = _mm256_and_ps(better, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+          _mm256_and_si256(_mm256_set1_epi32(int(live)), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)),
+          _mm256_setzero_si256())));
+      best_s = _mm256_blendv_ps(best_s, s, take);
+      best_e = _mm256_blendv_ps(best_e, er, take);
+      best_num = _mm256_blendv_ps(best_num, nm, take);
+      // the next candidate: an over-relaxed least-squares step, rounded to float16 (next_candidate)
+      const __m256 ls = _mm256_blendv_ps(s, _mm256_div_ps(nm, dn), _mm256_cmp_ps(dn, zero, _CMP_GT_OQ));
+      const __m256 next = round_half8(_mm256_add_ps(s, _mm256_mul_ps(omega, _mm256_sub_ps(ls, s))));
+      moving &= unsigned(_mm256_movemask_ps(_mm256_cmp_ps(next, s, _CMP_NEQ_UQ)));
+      s = next;
     }
+    alignas(32) float bs[8], be[8], bn[8], sq[8];
+    alignas(16) uint16_t half[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(half), _mm256_cvtps_ph(best_s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm256_store_ps(bs, best_s);
+    _mm256_store_ps(be, best_e);
+    _mm256_store_ps(bn, best_num);
+    _mm256_store_ps(sq, ss);
+    std::memcpy(scales + gb, half, sizeof(uint16_t) * size_t(cnt));
     for (int j = 0; j < cnt; ++j) {
-      scales[gb + j] = float16_t(best_s[j]);
-      err[0] += ss[j];
-      err[1] += best_e[j];
-      err[2] += best_s[j] * best_num[j];
+      err[0] += sq[j];
+      err[1] += be[j];
+      err[2] += bs[j] * bn[j];
     }
   }
 }

@@ -1,4 +1,4 @@
-// Small x86-64 SIMD helpers shared by the kernels (AVX2 + FMA, chosen at run time).
+// Small x86-64 SIMD helpers shared by the kernels (AVX2 + FMA + F16C, chosen at run time).
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -14,7 +14,8 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
 }
 
 inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 }
 
