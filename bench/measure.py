@@ -8,6 +8,7 @@ reported too, from the kernel's own high-water mark (``VmHWM``).
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import threading
 import time
@@ -53,11 +54,13 @@ class Measured:
     peak_tree_rss_gb: float  # largest sum of RSS over the process tree at any sample
     peak_process_rss_gb: float  # largest high-water mark of any one process in the tree
     output: str
+    cpu_seconds: float = 0.0  # user + system time of the command and the descendants it waited for
 
 
 def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
                  interval: float = 0.25, log: Path | None = None) -> Measured:
     started = time.time()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     sink = open(log, "w") if log else subprocess.PIPE
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, text=True)
     peak_tree, peak_proc = 0, 0
@@ -79,7 +82,9 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path
     if log:
         sink.close()
         out = log.read_text()[-20000:]
-    return Measured(proc.returncode, time.time() - started, peak_tree / 2**20, peak_proc / 2**20, out or "")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+    return Measured(proc.returncode, time.time() - started, peak_tree / 2**20, peak_proc / 2**20, out or "", cpu)
 
 
 def env_with(**extra: str) -> dict[str, str]:
