@@ -79,6 +79,32 @@ def test_shard_writer_splits_and_indexes(tmp_path):
         w2.add("a", mx.zeros(2))
 
 
+def test_shard_writer_halves_the_last_shards_when_told_the_total(tmp_path):
+    """The tail written after the last tensor is small, and the same sizes always give the same files."""
+    arrays = {f"t{i:02d}": mx.full((100,), i, dtype=mx.float32) for i in range(20)}  # 400 bytes each, 8000 in all
+
+    def write(folder, **kw):
+        folder.mkdir()
+        writer = ShardWriter(folder, shard_bytes=4000, min_shard_bytes=500, **kw)
+        for k, v in arrays.items():
+            writer.add(k, v)
+        files = writer.finish()
+        return [(folder / f).stat().st_size for f in files], writer.hashes
+
+    plain, _ = write(tmp_path / "plain")
+    halved, hashes = write(tmp_path / "a", expected_bytes=8000)
+    again, hashes_again = write(tmp_path / "b", expected_bytes=8000)
+    header = plain[0] - 4000
+    assert [s - header for s in plain] == [4000, 4000]
+    assert len(halved) == 4 and max(halved) - min(halved) > 2000 and halved == sorted(halved, reverse=True)
+    assert halved[-1] - 200 < 1000  # about 800 bytes of data (two tensors) left for the end
+    assert hashes == hashes_again and halved == again
+    back = {}
+    for f in sorted((tmp_path / "a").glob("*.safetensors")):
+        back.update(mx.load(str(f)))
+    assert all(mx.array_equal(back[k], v) for k, v in arrays.items())
+
+
 def test_shard_writer_keeps_every_dtype_and_lazy_tensors(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {"bf16": mx.array(rng.standard_normal((3, 5)), dtype=mx.bfloat16),

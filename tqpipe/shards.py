@@ -9,6 +9,13 @@ the GIL) while the caller goes on producing the next one; the same thread then
 hashes the file it wrote, still in the page cache, so the stage's manifest
 need not read it again. At most one shard is being written while the next
 fills: memory stays under about two shards.
+
+Only the last shard is written after the last tensor arrives, with nothing left
+to overlap. When the writer is told the bytes to expect, the last shard-size of
+them is therefore cut in halves (down to ``MIN_SHARD_BYTES``): each half is
+written while the next, smaller one fills, and what is left at the end is
+small. Shard boundaries depend only on the sizes, so a rebuild writes the same
+files.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from safetensors import TensorSpec, serialize_file
 from tqpipe.manifest import sha256_file
 
 SHARD_BYTES = 1 << 30
+MIN_SHARD_BYTES = 128 << 20  # the halving stops here: a model this small stays one file
 
 
 def _as_numpy(array: mx.array | np.ndarray) -> tuple[np.ndarray, str]:
@@ -45,14 +53,17 @@ def _write(path: Path, tensors: dict[str, tuple[np.ndarray, str]], metadata: dic
 
 
 class ShardWriter:
-    """``add`` tensors in any order; a shard is written whenever ``shard_bytes`` are held.
+    """``add`` tensors in any order; a shard is written whenever ``shard_bytes`` are held
+    (fewer towards the end when ``expected_bytes``, the total to come, is given).
 
     ``finish`` must be called (it waits for the last write); ``hashes`` then maps
     each final file name to its sha256.
     """
 
-    def __init__(self, folder: Path, *, shard_bytes: int = SHARD_BYTES, metadata: dict[str, str] | None = None):
-        self.folder, self.shard_bytes = folder, shard_bytes
+    def __init__(self, folder: Path, *, shard_bytes: int = SHARD_BYTES, expected_bytes: int | None = None,
+                 min_shard_bytes: int = MIN_SHARD_BYTES, metadata: dict[str, str] | None = None):
+        self.folder, self.shard_bytes, self.expected_bytes = folder, shard_bytes, expected_bytes
+        self.min_shard_bytes = min_shard_bytes
         self.metadata = metadata or {"format": "mlx"}
         self.held: dict[str, mx.array | np.ndarray] = {}
         self.held_bytes = 0
@@ -69,8 +80,16 @@ class ShardWriter:
             raise ValueError(f"tensor {name!r} written twice")
         self.held[name] = array
         self.held_bytes += array.nbytes
-        if self.held_bytes >= self.shard_bytes:
+        if self.held_bytes >= self._shard_limit():
             self.flush()
+
+    def _shard_limit(self) -> int:
+        """Bytes at which the shard being filled is written: half of what is still to come once that is
+        under two shards, so the tail written after the last tensor is small."""
+        if self.expected_bytes is None:
+            return self.shard_bytes
+        to_come = self.expected_bytes - self.total_bytes  # held bytes included
+        return min(self.shard_bytes, max(self.min_shard_bytes, to_come // 2))
 
     def flush(self) -> None:
         if not self.held:

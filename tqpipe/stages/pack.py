@@ -133,7 +133,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         workers = auto_workers(_worker_bytes(plan, weights), requested=ctx.workers)
     log.info("pack: %d tensors with %d worker process(es)", len(plan), workers)
-    writer = ShardWriter(ctx.out)
+    writer = ShardWriter(ctx.out, expected_bytes=plan_file["summary"]["total_bytes"])
+    planned = {f"{t['path']}.{part}" for t in plan for part in ("weight", "bias")}
+    for name in sorted(set(weights) - planned):  # the kept tensors first: written while the first layers quantize
+        writer.add(name, kept(name))
     seconds = {"read": 0.0, "quantize": 0.0}
     modules, report = {}, []
     by_path = {t["path"]: t for t in plan}
@@ -157,8 +160,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
                              "block": t["block"], "rotation": t["signs_key"]}
             report.append({"path": path, "bits": t["bits"], "group_size": t["group_size"]} | q.stats)
             bar.update(int(np.prod(t["shape"])))
-    for name in sorted(weights):  # the kept tensors: each shard evaluates what it holds
-        writer.add(name, kept(name))
     files = writer.finish()
     seconds["waiting_for_writes"] = writer.waited
     log.info("pack: %.1fs reading, %.1fs quantizing (summed over workers), %.1fs waiting for the shard writer",
