@@ -330,9 +330,9 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row
       alignas(32) float sj[8], ij[8];
       _mm256_store_ps(sj, s);
       _mm256_store_ps(ij, _mm256_div_ps(one, _mm256_blendv_ps(one, s, _mm256_cmp_ps(s, zero, _CMP_GT_OQ))));
-      __m256 num[8], den[8], e[8];
+      __m256 num[8], den[8];
       for (int j = 0; j < 8; ++j) {
-        __m256 an = _mm256_setzero_ps(), ad = an, ae = an;  // in registers: arrays indexed by j would live on the stack
+        __m256 an = _mm256_setzero_ps(), ad = an;  // in registers: arrays indexed by j would live on the stack
         if (moving >> j & 1) {
           const __m256 ib = _mm256_set1_ps(ij[j]), sb = _mm256_set1_ps(sj[j]);
           const float* g = g0 + size_t(j) * gs;
@@ -343,17 +343,17 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row
               const __m256i k = nearest_index<NM>(_mm256_mul_ps(x, ib), mv);
               const __m256 c = level_at<B>(k, lut_lo, lut_hi);
               kv[i / 8] = _mm256_sllv_epi32(k, lane_shift);  // index j of 8 at bit j·B
-              const __m256 d = _mm256_fmsub_ps(c, sb, x);
               an = _mm256_fmadd_ps(x, c, an);
               ad = _mm256_fmadd_ps(c, c, ad);
-              ae = _mm256_fmadd_ps(d, d, ae);
             }
             pack32<B>(kv, scratch + size_t(j) * words + b0 / 32 * B);
           }
         }
-        num[j] = an, den[j] = ad, e[j] = ae;
+        num[j] = an, den[j] = ad;
       }
-      const __m256 nm = sum_lanes8(num), dn = sum_lanes8(den), er = sum_lanes8(e);
+      const __m256 nm = sum_lanes8(num), dn = sum_lanes8(den);
+      // ‖s·c - w‖² = s²⟨c,c⟩ - 2s⟨w,c⟩ + ‖w‖²: two fewer operations per 8 weights than summing the squares
+      const __m256 er = _mm256_max_ps(zero, _mm256_fmadd_ps(s, _mm256_fmsub_ps(s, dn, _mm256_add_ps(nm, nm)), ss));
       const unsigned live = moving;
       const __m256 better = _mm256_cmp_ps(er, best_e, _CMP_LT_OQ);  // NaN never wins, as in the scalar path
       for (unsigned m = unsigned(_mm256_movemask_ps(better)) & live; m; m &= m - 1) {
