@@ -133,6 +133,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     else:
         workers = auto_workers(_worker_bytes(plan, weights), requested=ctx.workers)
     log.info("pack: %d tensors with %d worker process(es)", len(plan), workers)
+    clock = (time.perf_counter(), time.process_time())  # wall and this process's CPU time (all its threads)
     writer = ShardWriter(ctx.out, expected_bytes=plan_file["summary"]["total_bytes"])
     planned = {f"{t['path']}.{part}" for t in plan for part in ("weight", "bias")}
     for name in sorted(set(weights) - planned):  # the kept tensors first: written while the first layers quantize
@@ -162,8 +163,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
             bar.update(int(np.prod(t["shape"])))
     files = writer.finish()
     seconds["waiting_for_writes"] = writer.waited
-    log.info("pack: %.1fs reading, %.1fs quantizing (summed over workers), %.1fs waiting for the shard writer",
-             seconds["read"], seconds["quantize"], seconds["waiting_for_writes"])
+    cores_busy = (time.process_time() - clock[1]) / max(time.perf_counter() - clock[0], 1e-9)
+    log.info("pack: %.1fs reading, %.1fs quantizing (summed over workers), %.1fs waiting for the shard writer; "
+             "this process kept %.1f cores busy", seconds["read"], seconds["quantize"], seconds["waiting_for_writes"],
+             cores_busy)
     ctx.hashes.update(writer.hashes)
 
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
@@ -184,4 +187,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
     errs = np.array([r["rel_mse"] for r in report])
     return {"tensors": len(report), "shards": len(files), "workers": workers,
             "mean_rel_mse": float(errs.mean()), "max_rel_mse": float(errs.max()),
-            "calibration": recipe.calibration.mode, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+            "calibration": recipe.calibration.mode, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "cores_busy": round(cores_busy, 2)}
