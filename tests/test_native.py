@@ -63,6 +63,16 @@ def test_bad_arguments_are_refused_before_running():
     packed, scales, levels = packed_weight((16, 64), 2)
     with pytest.raises(ValueError, match="shapes do not match"):
         native_kernels().codebook_matmul(mx.zeros((1, 96)), packed, scales, levels, bits=2, group_size=32)
+    w, signs, lv = np.zeros((4, 64), np.float32), np.ones(64, np.int8), np.linspace(-1, 1, 4, dtype=np.float32)
+    args = dict(bits=2, group_size=32, candidates=1)
+    with pytest.raises(ValueError, match="packed_out and scales_out"):  # 64 weights at 2 bits are 4 words, not 3
+        native_kernels().quantize_rows(w, signs, 64, lv, **args, packed_out=np.zeros((4, 3), np.uint32),
+                                       scales_out=np.zeros((4, 2), np.uint16))
+    packed_out, scales_out = np.full((4, 4), 7, np.uint32), np.zeros((4, 2), np.uint16)
+    native_kernels().quantize_rows(w + 1, signs, 64, lv, **args, packed_out=packed_out, scales_out=scales_out)
+    fresh, fresh_scales, *_ = native_kernels().quantize_rows(w + 1, signs, 64, lv, **args)
+    np.testing.assert_array_equal(packed_out, fresh)  # written in place, the same as into new arrays
+    np.testing.assert_array_equal(scales_out, fresh_scales)
 
 
 def test_version_mismatch_falls_back_to_reference_and_says_so(monkeypatch, caplog):

@@ -115,10 +115,10 @@ def quantize_tensor(
         r1 = min(r0 + step, rows)
         if nat is not None:  # the same rotation and scale rules in C++, several times faster
             rows_in = flat[r0:r1].view(mx.uint16) if w.dtype == mx.bfloat16 else flat[r0:r1].astype(mx.float32)
-            p, sc, w2, d2, wh = nat.quantize_rows(
+            _, _, w2, d2, wh = nat.quantize_rows(  # straight into this tensor's output rows
                 np.ascontiguousarray(to_numpy(rows_in)), signs8, block, levels32, bits=bits,
-                group_size=group_size, candidates=scale_candidates(scale_method))
-            packed[r0:r1], scales[r0:r1] = p, sc.view(np.float16)
+                group_size=group_size, candidates=scale_candidates(scale_method),
+                packed_out=packed[r0:r1], scales_out=scales[r0:r1].view(np.uint16))
             errors.w2, errors.d2, errors.wh = errors.w2 + w2, errors.d2 + d2, errors.wh + wh
             continue
         chunk = to_numpy(rotate(flat[r0:r1].astype(mx.float32), s, block))
