@@ -94,17 +94,19 @@ def test_version_mismatch_falls_back_to_reference_and_says_so(monkeypatch, caplo
         native_kernels.cache_clear()
 
 
-@pytest.mark.parametrize("bits, method, width, group_size", [
-    (2, "mse", 4096, 32), (3, "mse", 2688, 32), (4, "rms", 576, 32), (3, "rms", 1536, 32), (1, "mse", 1024, 32),
-    (4, "mse", 2048, 64), (3, "mse", 320, 64),  # 320/64 = 5 groups: a partial batch of 8
+@pytest.mark.parametrize("bits, method, width, group_size, shift", [
+    (2, "mse", 4096, 32, 0), (3, "mse", 2688, 32, 0), (4, "rms", 576, 32, 0), (3, "rms", 1536, 32, 0),
+    (1, "mse", 1024, 32, 0), (4, "mse", 2048, 64, 0), (3, "mse", 320, 64, 0),  # 320/64 = 5 groups: a partial 8
+    (3, "mse", 1024, 32, 0.05), (4, "mse", 1024, 32, 0.05),  # asymmetric levels: the unmirrored level search
 ])
-def test_native_quantizer_matches_the_numpy_path(bits, method, width, group_size, monkeypatch):
+def test_native_quantizer_matches_the_numpy_path(bits, method, width, group_size, shift, monkeypatch):
     """Same rotation (blocks m·2^k included), scales and bit stream as tqpipe.quant, up to float rounding."""
     import tqpipe.quant.quantize as q
     from tqpipe.quant.rotation import hadamard_block_size, random_signs
 
     w = (mx.random.normal((64, width), key=mx.random.key(6)) * 0.02).astype(mx.bfloat16)
     signs, block, levels = random_signs(width, seed=0, key="t"), hadamard_block_size(width), lloyd_max_gaussian(bits)
+    levels = levels + shift
     args = dict(bits=bits, group_size=group_size, scale_method=method)
     fast = q.quantize_tensor(w, signs, block, levels, **args)
     monkeypatch.setattr(q, "native_kernels", lambda: None)

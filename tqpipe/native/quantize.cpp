@@ -251,6 +251,20 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256i nearest_index(
   return k;
 }
 
+// The same count for a codebook symmetric about 0 (mids[t] = -mids[NM-1-t], Lloyd-Max's): count the
+// positive midpoints below |v| (2^(B-1) - 1 compares instead of 2^B - 1) and mirror by the sign. Only
+// a value exactly on a negative midpoint (equally far from both levels) may get the other neighbour.
+template <int NM>
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i nearest_index_symmetric(__m256 v, const __m256* mv) {
+  constexpr int NH = NM / 2;  // mids[NH] = 0; mv[NH + 1 ...] are the positive ones
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), v);
+  __m256i c = _mm256_setzero_si256();
+  for (int t = NH + 1; t < NM; ++t) c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(a, mv[t], _CMP_GT_OQ)));
+  const __m256 up = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ);
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(NH), c)),
+                                              _mm256_castsi256_ps(_mm256_add_epi32(_mm256_set1_epi32(NH + 1), c)), up));
+}
+
 // levels[k] per lane from a 16-entry table in two registers
 template <int B>
 __attribute__((target("avx2,fma"), always_inline)) inline __m256 level_at(__m256i k, __m256 lo, __m256 hi) {
@@ -298,7 +312,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 round_half
 // interleaved, their scales and errors one lane each. Each candidate pass yields the bit stream and
 // exact error of that scale, so the best one is kept without a final pass. scratch holds 8 groups'
 // packed words.
-template <int B>
+template <int B, bool Symmetric>
 __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row, int n, int gs, const float* mids,
                                                                const float* lv, int candidates, uint32_t* packed,
                                                                float16_t* scales, double* err, uint32_t* scratch) {
@@ -340,7 +354,12 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row
             __m256i kv[4];
             for (int i = 0; i < 32; i += 8) {
               const __m256 x = _mm256_loadu_ps(g + b0 + i);
-              const __m256i k = nearest_index<NM>(_mm256_mul_ps(x, ib), mv);
+              const __m256 v = _mm256_mul_ps(x, ib);
+              __m256i k;
+              if constexpr (Symmetric)
+                k = nearest_index_symmetric<NM>(v, mv);
+              else
+                k = nearest_index<NM>(v, mv);
               const __m256 c = level_at<B>(k, lut_lo, lut_hi);
               kv[i / 8] = _mm256_sllv_epi32(k, lane_shift);  // index j of 8 at bit j·B
               an = _mm256_fmadd_ps(x, c, an);
@@ -456,6 +475,8 @@ ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const flo
     steps[t] = levels[t + 1] - levels[t];
   }
   const int words = n * spec.bits / 32, groups = n / gs, candidates = std::max(1, spec.candidates);
+  bool symmetric = L >= 8;  // the mirrored nearest-level search (fewer compares) needs mids[t] = -mids[L-2-t]
+  for (int t = 0; t + 1 < L; ++t) symmetric = symmetric && mids[t] == -mids[L - 2 - t];
   std::vector<double> row_err(size_t(rows) * 3, 0.0);  // per row, summed in order below: thread-count independent
   // rows are independent: split them over the worker pool, each thread with its own buffers
   parallel_for(size_t(rows), size_t(rows) * n * 8, [&](size_t r0, size_t r1) {
@@ -472,11 +493,14 @@ ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const flo
       if (spec.bits <= 4 && has_avx2()) {
         float* x = row.data();
         uint32_t* sw = scratch_words.data();
-        switch (spec.bits) {
-          case 1: quantize_row_avx2<1>(x, n, gs, mids.data(), levels, candidates, out, sc, e, sw); break;
-          case 2: quantize_row_avx2<2>(x, n, gs, mids.data(), levels, candidates, out, sc, e, sw); break;
-          case 3: quantize_row_avx2<3>(x, n, gs, mids.data(), levels, candidates, out, sc, e, sw); break;
-          default: quantize_row_avx2<4>(x, n, gs, mids.data(), levels, candidates, out, sc, e, sw); break;
+        const float* m = mids.data();
+        switch (spec.bits * 2 + symmetric) {
+          case 2: case 3: quantize_row_avx2<1, false>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
+          case 4: case 5: quantize_row_avx2<2, false>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
+          case 6: quantize_row_avx2<3, false>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
+          case 7: quantize_row_avx2<3, true>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
+          case 8: quantize_row_avx2<4, false>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
+          default: quantize_row_avx2<4, true>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
         }
         continue;
       }

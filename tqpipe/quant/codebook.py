@@ -24,7 +24,7 @@ def _cell_edges(levels: np.ndarray) -> np.ndarray:
 
 
 def lloyd_max_gaussian(bits: int, *, iters: int = 500, tol: float = 1e-12) -> np.ndarray:
-    """Levels (ascending, float64) minimizing E[(X - Q(X))²] for X ~ N(0, 1).
+    """Levels (ascending, float64, exactly symmetric about 0) minimizing E[(X - Q(X))²] for X ~ N(0, 1).
 
     Lloyd iteration: thresholds are midpoints of neighbouring levels; each level
     moves to the conditional mean of its cell, (φ(a) - φ(b)) / (Φ(b) - Φ(a)).
@@ -44,7 +44,8 @@ def lloyd_max_gaussian(bits: int, *, iters: int = 500, tol: float = 1e-12) -> np
             levels = new
             break
         levels = new
-    return levels
+    # N(0,1) is symmetric, so is its optimum: make it exact (lets the quantizer mirror its level search)
+    return (levels - levels[::-1]) / 2
 
 
 def gaussian_mse(levels: np.ndarray) -> float:
