@@ -254,11 +254,13 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256i nearest_index(
 // The same count for a codebook symmetric about 0 (mids[t] = -mids[NM-1-t], Lloyd-Max's): count the
 // positive midpoints below |v| (2^(B-1) - 1 compares instead of 2^B - 1) and mirror by the sign. Only
 // a value exactly on a negative midpoint (equally far from both levels) may get the other neighbour.
+// c gets the count itself: the level is levels[NH + 1 + c] for v > 0, its mirror image otherwise.
 template <int NM>
-__attribute__((target("avx2,fma"), always_inline)) inline __m256i nearest_index_symmetric(__m256 v, const __m256* mv) {
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i nearest_index_symmetric(__m256 v, const __m256* mv,
+                                                                                        __m256i& c) {
   constexpr int NH = NM / 2;  // mids[NH] = 0; mv[NH + 1 ...] are the positive ones
   const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), v);
-  __m256i c = _mm256_setzero_si256();
+  c = _mm256_setzero_si256();
   for (int t = NH + 1; t < NM; ++t) c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(a, mv[t], _CMP_GT_OQ)));
   const __m256 up = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ);
   return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(NH), c)),
@@ -322,6 +324,7 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row
   alignas(32) float lut[16] = {};
   for (int i = 0; i <= NM; ++i) lut[i] = lv[i];
   const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
+  const __m256 lut_pos = _mm256_loadu_ps(lut + (NM + 1) / 2), sign_bit = _mm256_set1_ps(-0.f);  // levels ≥ 0
   const __m256i lane_shift = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f), omega = _mm256_set1_ps(kRelaxation);
   const int groups = n / gs, words = gs * B / 32;
@@ -355,15 +358,20 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row
             for (int i = 0; i < 32; i += 8) {
               const __m256 x = _mm256_loadu_ps(g + b0 + i);
               const __m256 v = _mm256_mul_ps(x, ib);
-              __m256i k;
-              if constexpr (Symmetric)
-                k = nearest_index_symmetric<NM>(v, mv);
-              else
-                k = nearest_index<NM>(v, mv);
-              const __m256 c = level_at<B>(k, lut_lo, lut_hi);
-              kv[i / 8] = _mm256_sllv_epi32(k, lane_shift);  // index j of 8 at bit j·B
-              an = _mm256_fmadd_ps(x, c, an);
-              ad = _mm256_fmadd_ps(c, c, ad);
+              if constexpr (Symmetric) {  // the level is ±p, of x's sign, so x·level = |x|·p
+                __m256i c;
+                const __m256i k = nearest_index_symmetric<NM>(v, mv, c);
+                const __m256 p = _mm256_permutevar8x32_ps(lut_pos, c);
+                kv[i / 8] = _mm256_sllv_epi32(k, lane_shift);  // index j of 8 at bit j·B
+                an = _mm256_fmadd_ps(_mm256_andnot_ps(sign_bit, x), p, an);
+                ad = _mm256_fmadd_ps(p, p, ad);
+              } else {
+                const __m256i k = nearest_index<NM>(v, mv);
+                const __m256 c = level_at<B>(k, lut_lo, lut_hi);
+                kv[i / 8] = _mm256_sllv_epi32(k, lane_shift);
+                an = _mm256_fmadd_ps(x, c, an);
+                ad = _mm256_fmadd_ps(c, c, ad);
+              }
             }
             pack32<B>(kv, scratch + size_t(j) * words + b0 / 32 * B);
           }
