@@ -65,7 +65,7 @@ def _init_worker(fetched: str, rotated: str, levels: dict[str, list[float]], sca
     # mlx keeps freed buffers up to this much for the next tensor to reuse: reading into fresh pages
     # costs a fault and a zeroing per page, 4x slower (bounded so memory still follows the largest tensor)
     largest = max(w.nbytes for w in _worker["weights"].values())
-    mx.set_cache_limit(max(READ_CACHE_BYTES[0], min(2 * largest, READ_CACHE_BYTES[1])))
+    _worker["cache_limit_before"] = mx.set_cache_limit(max(READ_CACHE_BYTES[0], min(2 * largest, READ_CACHE_BYTES[1])))
     with safe_open(str(Path(rotated) / "signs.safetensors"), framework="numpy") as f:
         _worker["signs"] = {k: f.get_tensor(k) for k in f.keys()}
     hessians = Path(rotated) / "hessians.safetensors"
@@ -162,6 +162,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
             report.append({"path": path, "bits": t["bits"], "group_size": t["group_size"]} | q.stats)
             bar.update(int(np.prod(t["shape"])))
     files = writer.finish()
+    if "cache_limit_before" in _worker:  # this process read the weights: give the cached buffers back
+        mx.set_cache_limit(_worker.pop("cache_limit_before"))
+        mx.clear_cache()
     seconds["waiting_for_writes"] = writer.waited
     cores_busy = (time.process_time() - clock[1]) / max(time.perf_counter() - clock[0], 1e-9)
     log.info("pack: %.1fs reading, %.1fs quantizing (summed over workers), %.1fs waiting for the shard writer; "
