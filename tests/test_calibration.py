@@ -19,6 +19,21 @@ def correlated_inputs(n: int, seed: int = 0) -> np.ndarray:
     return x @ (np.eye(n) + 0.2 * rng.standard_normal((n, n)) / np.sqrt(n))
 
 
+def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_damped_inverse():
+    """float32 via H = V Vᵀ (V upper), U = V⁻¹ must equal the float64 chol((H + λI)⁻¹)ᵀ."""
+    x = correlated_inputs(96)
+    h = x.T @ x / len(x)
+    h[5, :] = h[:, 5] = 0  # a dead input
+    u, dead = inverse_hessian_factor(h, damp=0.01)
+    assert u.dtype == np.float32 and dead.tolist() == [i == 5 for i in range(96)]
+    ref = h.copy()
+    ref[5, 5] = 1.0
+    ref[np.diag_indices(96)] += 0.01 * np.mean(np.diag(ref))
+    want = np.linalg.cholesky(np.linalg.inv(ref)).T
+    np.testing.assert_allclose(u, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    np.testing.assert_allclose(u.T.astype(np.float64) @ u, np.linalg.inv(ref), atol=1e-4 * np.abs(want).max() ** 2)
+
+
 def gptq_reference(w, h, levels, g, damp=0.01):
     """Textbook GPTQ: one column at a time, full update of all later columns, no blocking."""
     u, dead = inverse_hessian_factor(h, damp=damp)

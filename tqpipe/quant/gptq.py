@@ -10,20 +10,31 @@ already error-corrected weights.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 
 from tqpipe.quant.scales import ScaleMethod, nearest_level, quantize_groups
 
 
 def inverse_hessian_factor(h: np.ndarray, *, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` (λ = damp · mean diag) and the dead-column mask."""
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹ = UᵀU`` (λ = damp · mean diag), float32, and the
+    dead-column mask.
+
+    Without forming the inverse: with ``H = V Vᵀ``, V upper (a Cholesky factorization of H with rows
+    and columns reversed), ``U = V⁻¹``. In float32 on mlx's CPU stream that is ~9× faster than a
+    float64 inverse and Cholesky (n = 4096: 0.6 s against 5.6 s) and agrees to ~1e-7; if float32
+    is not enough (non-finite factor), it falls back to float64.
+    """
     h = np.array(h, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
-    hinv = np.linalg.inv(h)
-    hinv = (hinv + hinv.T) / 2
-    return np.linalg.cholesky(hinv).T, dead
+    lower = mx.linalg.cholesky(mx.array(h[::-1, ::-1].astype(np.float32)), stream=mx.cpu)
+    u = np.array(mx.linalg.tri_inv(lower[::-1, ::-1], upper=True, stream=mx.cpu))
+    if not np.isfinite(u).all():
+        hinv = np.linalg.inv(h)
+        u = np.linalg.cholesky((hinv + hinv.T) / 2).T.astype(np.float32)
+    return u, dead
 
 
 def gptq_quantize(

@@ -15,6 +15,7 @@ from tqpipe.quant.scales import ScaleMethod, dequantize_groups, quantize_groups,
 
 CHUNK_ELEMENTS = 1 << 18  # rows are quantized in chunks of about this many weights (1 MB float32: cache-sized)
 NATIVE_CHUNK_ELEMENTS = 1 << 22  # the native path reads the source dtype in place: larger calls, fewer round trips
+GPTQ_CHUNK_ELEMENTS = 1 << 21  # GPTQ loops over columns in Python: more rows per pass (2.8x at 8192 wide)
 
 
 def to_numpy(x: mx.array) -> np.ndarray:
@@ -106,7 +107,8 @@ def quantize_tensor(
     factor = None if hessian is None else inverse_hessian_factor(hessian, damp=damp)
     nat = native_kernels() if hessian is None and n % 32 == 0 else None
     if chunk_elements is None:
-        chunk_elements = NATIVE_CHUNK_ELEMENTS if nat is not None else CHUNK_ELEMENTS
+        chunk_elements = (NATIVE_CHUNK_ELEMENTS if nat is not None
+                          else GPTQ_CHUNK_ELEMENTS if hessian is not None else CHUNK_ELEMENTS)
     step = max(1, chunk_elements // n)
     if nat is not None:
         signs8 = np.ascontiguousarray(signs, dtype=np.int8)

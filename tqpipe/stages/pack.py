@@ -34,7 +34,7 @@ from tqpipe import FORMAT_VERSION, __version__
 from tqpipe.model_io import TOKENIZER_FILES, build_model, kept_dtype, load_weights, read_config
 from tqpipe.native import native_kernels
 from tqpipe.parallel import auto_workers, ordered_map
-from tqpipe.quant.quantize import CHUNK_ELEMENTS, quantize_tensor
+from tqpipe.quant.quantize import GPTQ_CHUNK_ELEMENTS, quantize_tensor
 from tqpipe.recipe import Recipe
 from tqpipe.runtime.loader import MODEL_FILE, MODEL_FILE_SOURCE
 from tqpipe.shards import ShardWriter
@@ -108,7 +108,7 @@ def native_threaded(rotated: Path) -> bool:
 def _worker_bytes(plan: list[dict[str, Any]], weights: dict[str, mx.array]) -> int:
     """Memory one worker needs: its largest source tensor, its packed output and the chunk temporaries."""
     largest = max(weights[f"{t['path']}.weight"].nbytes for t in plan)
-    return 2 * largest + 24 * CHUNK_ELEMENTS + (256 << 20)
+    return 2 * largest + 24 * GPTQ_CHUNK_ELEMENTS + (256 << 20)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
