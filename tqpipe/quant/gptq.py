@@ -58,7 +58,7 @@ def gptq_quantize(
     if n % group_size:
         raise ValueError(f"group size {group_size} does not divide input width {n}")
     u, dead = factor if factor is not None else inverse_hessian_factor(h, damp=damp)
-    u = u.astype(np.float32)
+    u = np.asarray(u, dtype=np.float32)  # no copy: the factor is float32 already, and may be reused per chunk
     # work on Wᵀ so that a column of W is a contiguous row: the inner updates stay in cache
     wt = np.array(w, dtype=np.float32).T.copy()
     wt[dead, :] = 0.0
