@@ -89,16 +89,20 @@ class WorkerPool {
 };
 
 // Split [0, total) over the pool when the work (in weights touched) is large enough to pay for it.
+// parts_per_thread > 1 cuts it finer, the parts claimed as threads come free: a thread the OS
+// preempts (for a writer or reader thread of the same process) then delays only its current part,
+// not half of the job.
 template <class F>
-inline void parallel_for(size_t total, size_t work, F&& fn) {
+inline void parallel_for(size_t total, size_t work, F&& fn, size_t parts_per_thread = 1) {
   auto& pool = WorkerPool::get();
   const size_t nt = std::min({pool.size(), total, std::max<size_t>(1, work >> 16)});
   if (nt <= 1) {
     fn(size_t(0), total);
     return;
   }
-  const size_t step = (total + nt - 1) / nt;
-  pool.run(nt, [&](size_t t) {
+  const size_t parts = std::min({total, nt * std::max<size_t>(1, parts_per_thread), std::max<size_t>(1, work >> 16)});
+  const size_t step = (total + parts - 1) / parts;
+  pool.run(parts, [&](size_t t) {
     const size_t a = t * step, b = std::min(total, a + step);
     if (a < b) fn(a, b);
   });

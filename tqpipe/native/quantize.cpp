@@ -106,14 +106,9 @@ __attribute__((target("avx2,fma"))) void fwht_avx2(float* x, int n) {
     }
 }
 
-__attribute__((target("avx2,fma"))) void scale_avx2(float* x, int n, float s) {
-  const __m256 sv = _mm256_set1_ps(s);
-  int i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), sv));
-  for (; i < n; ++i) x[i] *= s;
-}
 #endif
 
+// The unnormalized transform: its 1/sqrt(block) is folded into the signs the row is loaded with.
 void rotate_block(float* x, const BlockHadamard& H, std::vector<float>& tmp) {
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool simd = H.n2 >= 8 && has_avx2();
@@ -140,11 +135,6 @@ void rotate_block(float* x, const BlockHadamard& H, std::vector<float>& tmp) {
       }
     std::copy(tmp.begin(), tmp.end(), x);
   }
-  const int size = H.n2 * H.m;
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (simd) return scale_avx2(x, size, H.scale);
-#endif
-  for (int i = 0; i < size; ++i) x[i] *= H.scale;
 }
 
 #define TQ_INLINE inline __attribute__((always_inline))
@@ -251,20 +241,16 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256i nearest_index(
   return k;
 }
 
-// The same count for a codebook symmetric about 0 (mids[t] = -mids[NM-1-t], Lloyd-Max's): count the
-// positive midpoints below |v| (2^(B-1) - 1 compares instead of 2^B - 1) and mirror by the sign. Only
-// a value exactly on a negative midpoint (equally far from both levels) may get the other neighbour.
-// c gets the count itself: the level is levels[NH + 1 + c] for v > 0, its mirror image otherwise.
+// For a codebook symmetric about 0 (mids[t] = -mids[NM-1-t], Lloyd-Max's) and v = |x|/s: the number
+// of positive midpoints below v, 2^(B-1) - 1 compares instead of 2^B - 1. The caller mirrors it by
+// x's sign: the level is levels[NH + 1 + c] for x > 0 and levels[NH - c] otherwise. Only an x exactly
+// on a negative midpoint (equally far from both levels) may get the other neighbour than numpy's.
 template <int NM>
-__attribute__((target("avx2,fma"), always_inline)) inline __m256i nearest_index_symmetric(__m256 v, const __m256* mv,
-                                                                                        __m256i& c) {
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i nearest_count_positive(__m256 v, const __m256* mv) {
   constexpr int NH = NM / 2;  // mids[NH] = 0; mv[NH + 1 ...] are the positive ones
-  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), v);
-  c = _mm256_setzero_si256();
-  for (int t = NH + 1; t < NM; ++t) c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(a, mv[t], _CMP_GT_OQ)));
-  const __m256 up = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ);
-  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(NH), c)),
-                                              _mm256_castsi256_ps(_mm256_add_epi32(_mm256_set1_epi32(NH + 1), c)), up));
+  __m256i c = _mm256_setzero_si256();
+  for (int t = NH + 1; t < NM; ++t) c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(v, mv[t], _CMP_GT_OQ)));
+  return c;
 }
 
 // levels[k] per lane from a 16-entry table in two registers
@@ -305,6 +291,21 @@ __attribute__((target("avx2,fma"), always_inline)) inline void pack32(const __m2
   }
 }
 
+// blocks × B words, inline: a memcpy call here would make the compiler spill and reload the vector
+// registers around it for every group that improves
+template <int B>
+__attribute__((target("avx2,fma"), always_inline)) inline void copy_words(const uint32_t* src, uint32_t* dst,
+                                                                          int blocks) {
+  for (int b = 0; b < blocks; ++b, src += B, dst += B) {
+    if constexpr (B == 4) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    } else {
+      if constexpr (B >= 2) _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+      if constexpr (B != 2) dst[B - 1] = src[B - 1];
+    }
+  }
+}
+
 // x rounded to float16 and back, 8 lanes (F16C; the same round-to-nearest-even as float16_t)
 __attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 round_half8(__m256 x) {
   return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -315,9 +316,10 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 round_half
 // exact error of that scale, so the best one is kept without a final pass. scratch holds 8 groups'
 // packed words.
 template <int B, bool Symmetric>
-__attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row, int n, int gs, const float* mids,
+__attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(float* row, int n, int gs, const float* mids,
                                                                const float* lv, int candidates, uint32_t* packed,
-                                                               float16_t* scales, double* err, uint32_t* scratch) {
+                                                               float16_t* scales, double* err, uint32_t* scratch,
+                                                               float* neg) {
   constexpr int NM = (1 << B) - 1;
   __m256 mv[NM];
   for (int t = 0; t < NM; ++t) mv[t] = _mm256_set1_ps(mids[t]);
@@ -325,19 +327,26 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row
   for (int i = 0; i <= NM; ++i) lut[i] = lv[i];
   const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
   const __m256 lut_pos = _mm256_loadu_ps(lut + (NM + 1) / 2), sign_bit = _mm256_set1_ps(-0.f);  // levels ≥ 0
+  const __m256i first_pos = _mm256_set1_epi32((NM + 1) / 2);  // index of the smallest positive level
+  float* g_rw = row;  // the symmetric path overwrites it with |x|
   const __m256i lane_shift = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f), omega = _mm256_set1_ps(kRelaxation);
   const int groups = n / gs, words = gs * B / 32;
   for (int gb = 0; gb < groups; gb += 8) {
     const int cnt = std::min(8, groups - gb);
-    const float* g0 = row + size_t(gb) * gs;
+    float* g0 = g_rw + size_t(gb) * gs;
     __m256 part[8];
     for (int j = 0; j < 8; ++j) {
-      part[j] = _mm256_setzero_ps();
+      __m256 acc = _mm256_setzero_ps();  // (a zeroed array would be cleared with a slow `rep stos`)
       for (int i = 0; j < cnt && i < gs; i += 8) {
         const __m256 x = _mm256_loadu_ps(g0 + j * gs + i);
-        part[j] = _mm256_fmadd_ps(x, x, part[j]);
+        acc = _mm256_fmadd_ps(x, x, acc);
+        if constexpr (Symmetric) {  // once per group, not per candidate: |x| in place, and x ≤ 0 as a lane mask
+          _mm256_storeu_ps(g0 + j * gs + i, _mm256_andnot_ps(sign_bit, x));
+          _mm256_storeu_ps(neg + j * gs + i, _mm256_cmp_ps(x, zero, _CMP_LE_OQ));
+        }
       }
+      part[j] = acc;
     }
     const __m256 ss = sum_lanes8(part);
     __m256 s = round_half8(_mm256_sqrt_ps(_mm256_div_ps(ss, _mm256_set1_ps(float(gs)))));
@@ -358,12 +367,14 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row
             for (int i = 0; i < 32; i += 8) {
               const __m256 x = _mm256_loadu_ps(g + b0 + i);
               const __m256 v = _mm256_mul_ps(x, ib);
-              if constexpr (Symmetric) {  // the level is ±p, of x's sign, so x·level = |x|·p
-                __m256i c;
-                const __m256i k = nearest_index_symmetric<NM>(v, mv, c);
+              if constexpr (Symmetric) {  // x holds |w| here; the level is ±p, of w's sign, so w·level = |w|·p
+                const __m256i c = nearest_count_positive<NM>(v, mv);
                 const __m256 p = _mm256_permutevar8x32_ps(lut_pos, c);
+                // levels[NH + 1 + c] for w > 0, levels[NH - c] = levels[NH + 1 + ~c] otherwise
+                const __m256i k = _mm256_add_epi32(
+                    _mm256_xor_si256(c, _mm256_castps_si256(_mm256_loadu_ps(neg + j * gs + b0 + i))), first_pos);
                 kv[i / 8] = _mm256_sllv_epi32(k, lane_shift);  // index j of 8 at bit j·B
-                an = _mm256_fmadd_ps(_mm256_andnot_ps(sign_bit, x), p, an);
+                an = _mm256_fmadd_ps(x, p, an);
                 ad = _mm256_fmadd_ps(p, p, ad);
               } else {
                 const __m256i k = nearest_index<NM>(v, mv);
@@ -385,7 +396,7 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(const float* row
       const __m256 better = _mm256_cmp_ps(er, best_e, _CMP_LT_OQ);  // NaN never wins, as in the scalar path
       for (unsigned m = unsigned(_mm256_movemask_ps(better)) & live; m; m &= m - 1) {
         const int j = __builtin_ctz(m);
-        std::memcpy(packed + size_t(gb + j) * words, scratch + size_t(j) * words, sizeof(uint32_t) * words);
+        copy_words<B>(scratch + size_t(j) * words, packed + size_t(gb + j) * words, gs / 32);
       }
       const __m256 take = _mm256_and_ps(better, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
           _mm256_and_si256(_mm256_set1_epi32(int(live)), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)),
@@ -438,15 +449,15 @@ inline float to_float(uint16_t bf16_bits) {  // bfloat16 is the top half of a fl
   return f;
 }
 
-// row[i] = w[i] · signs[i] in float32
+// row[i] = w[i] · signs[i] in float32 (signs: ±1/sqrt(block), the rotation's signs and its normalization)
 template <class T>
-void load_row_scalar(const T* src, const int8_t* signs, int n, float* row) {
-  for (int i = 0; i < n; ++i) row[i] = to_float(src[i]) * float(signs[i]);
+void load_row_scalar(const T* src, const float* signs, int n, float* row) {
+  for (int i = 0; i < n; ++i) row[i] = to_float(src[i]) * signs[i];
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <class T>
-__attribute__((target("avx2,fma"))) void load_row_avx2(const T* src, const int8_t* signs, int n, float* row) {
+__attribute__((target("avx2,fma"))) void load_row_avx2(const T* src, const float* signs, int n, float* row) {
   int i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 v;
@@ -455,15 +466,14 @@ __attribute__((target("avx2,fma"))) void load_row_avx2(const T* src, const int8_
           _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))), 16));
     else
       v = _mm256_loadu_ps(reinterpret_cast<const float*>(src + i));
-    const __m256 sg = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(signs + i))));
-    _mm256_storeu_ps(row + i, _mm256_mul_ps(v, sg));
+    _mm256_storeu_ps(row + i, _mm256_mul_ps(v, _mm256_loadu_ps(signs + i)));
   }
   load_row_scalar(src + i, signs + i, n - i, row + i);
 }
 #endif
 
 template <class T>
-void load_row(const T* src, const int8_t* signs, int n, float* row) {
+void load_row(const T* src, const float* signs, int n, float* row) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (has_avx2()) return load_row_avx2(src, signs, n, row);
 #endif
@@ -485,14 +495,18 @@ ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const flo
   const int words = n * spec.bits / 32, groups = n / gs, candidates = std::max(1, spec.candidates);
   bool symmetric = L >= 8;  // the mirrored nearest-level search (fewer compares) needs mids[t] = -mids[L-2-t]
   for (int t = 0; t + 1 < L; ++t) symmetric = symmetric && mids[t] == -mids[L - 2 - t];
+  std::vector<float> scaled_signs(n);  // the orthonormal Hadamard's 1/sqrt(block), applied as the row is loaded
+  for (int i = 0; i < n; ++i) scaled_signs[i] = float(signs[i]) * H.scale;
   std::vector<double> row_err(size_t(rows) * 3, 0.0);  // per row, summed in order below: thread-count independent
-  // rows are independent: split them over the worker pool, each thread with its own buffers
+  // rows are independent: split them over the worker pool, each part with its own buffers, in 8 parts
+  // per thread (pack's reader and shard-writer threads take cores from the quantizer now and then)
   parallel_for(size_t(rows), size_t(rows) * n * 8, [&](size_t r0, size_t r1) {
     std::vector<float> row(n), tmp;
     std::vector<uint8_t> idx(n), scratch(gs);
     std::vector<uint32_t> scratch_words(size_t(8) * gs * spec.bits / 32 + 1);
+    std::vector<float> neg(size_t(8) * gs);  // sign masks of 8 groups (symmetric path)
     for (size_t r = r0; r < r1; ++r) {
-      load_row(w + r * n, signs, n, row.data());
+      load_row(w + r * n, scaled_signs.data(), n, row.data());
       for (int b = 0; b < n; b += spec.block) rotate_block(row.data() + b, H, tmp);
       float16_t* sc = reinterpret_cast<float16_t*>(scales + r * groups);
       double* e = row_err.data() + 3 * r;
@@ -501,14 +515,15 @@ ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const flo
       if (spec.bits <= 4 && has_avx2()) {
         float* x = row.data();
         uint32_t* sw = scratch_words.data();
+        float* ng = neg.data();
         const float* m = mids.data();
         switch (spec.bits * 2 + symmetric) {
-          case 2: case 3: quantize_row_avx2<1, false>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
-          case 4: case 5: quantize_row_avx2<2, false>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
-          case 6: quantize_row_avx2<3, false>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
-          case 7: quantize_row_avx2<3, true>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
-          case 8: quantize_row_avx2<4, false>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
-          default: quantize_row_avx2<4, true>(x, n, gs, m, levels, candidates, out, sc, e, sw); break;
+          case 2: case 3: quantize_row_avx2<1, false>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
+          case 4: case 5: quantize_row_avx2<2, false>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
+          case 6: quantize_row_avx2<3, false>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
+          case 7: quantize_row_avx2<3, true>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
+          case 8: quantize_row_avx2<4, false>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
+          default: quantize_row_avx2<4, true>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
         }
         continue;
       }
@@ -520,7 +535,7 @@ ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const flo
       pack_row(idx.data(), n, spec.bits, out);
       for (int k = 0; k < 3; ++k) e[k] = ef[k];
     }
-  });
+  }, /*parts_per_thread=*/8);
   ErrorSums err;
   for (int64_t r = 0; r < rows; ++r) {
     err.w2 += row_err[3 * r];
