@@ -115,3 +115,20 @@ def test_native_quantizer_matches_the_numpy_path(bits, method, width, group_size
     np.testing.assert_allclose(fast.scales.astype(np.float32), slow.scales.astype(np.float32), rtol=2e-3, atol=1e-6)
     assert fast.stats["rel_mse"] == pytest.approx(slow.stats["rel_mse"], rel=1e-3)
     assert fast.stats["projection"] == pytest.approx(slow.stats["projection"], rel=1e-4)
+
+
+def test_float16_sources_take_the_native_path_in_float32_chunks():
+    """A float16 weight is not read in place (only bfloat16 and float32 are): it is quantized in
+    float32 row chunks, to the same bytes as the same values given as float32 in one pass."""
+    import tqpipe.quant.quantize as q
+
+    w16 = (mx.random.normal((3, 40, 256), key=mx.random.key(8)) * 0.02).astype(mx.float16)
+    signs, levels = np.where(np.arange(256) % 3, 1, -1).astype(np.int8), lloyd_max_gaussian(3)
+    args = dict(bits=3, group_size=32, scale_method="mse")
+    assert q.native_rows(w16) is None and q.native_rows(w16.astype(mx.float32)) is not None
+    chunked = q.quantize_tensor(w16, signs, 256, levels, chunk_elements=256 * 7, **args)
+    whole = q.quantize_tensor(w16.astype(mx.float32), signs, 256, levels, **args)
+    assert chunked.packed.shape == (3, 40, 256 * 3 // 32)
+    np.testing.assert_array_equal(chunked.packed, whole.packed)
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+    assert chunked.stats["rel_mse"] == pytest.approx(whole.stats["rel_mse"], rel=1e-6)

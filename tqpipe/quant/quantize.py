@@ -76,6 +76,7 @@ class QuantizedTensor:
     packed: np.ndarray  # uint32 [..., out, words]
     scales: np.ndarray  # float16 [..., out, in / group]
     stats: dict[str, float] = field(default_factory=dict)
+    sums: ErrorSums = field(default_factory=ErrorSums)  # the sums ``stats`` came from
 
 
 def quantize_tensor(
@@ -98,6 +99,11 @@ def quantize_tensor(
     larger for the native path, which reads the source dtype in place).
     """
     *lead, n = w.shape
+    if hessian is None:
+        src = native_rows(w)
+        if src is not None:
+            return quantize_native_rows(src, tuple(lead), signs, block, levels, bits=bits, group_size=group_size,
+                                        scale_method=scale_method, chunk_elements=chunk_elements)
     rows = int(np.prod(lead))
     flat = w.reshape(rows, n)
     s = mx.array(signs)
@@ -110,18 +116,13 @@ def quantize_tensor(
         chunk_elements = (NATIVE_CHUNK_ELEMENTS if nat is not None
                           else GPTQ_CHUNK_ELEMENTS if hessian is not None else CHUNK_ELEMENTS)
     step = max(1, chunk_elements // n)
-    if nat is not None:
-        signs8 = np.ascontiguousarray(signs, dtype=np.int8)
-        levels32 = np.ascontiguousarray(levels, dtype=np.float32)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
-        if nat is not None:  # the same rotation and scale rules in C++, several times faster
-            rows_in = flat[r0:r1].view(mx.uint16) if w.dtype == mx.bfloat16 else flat[r0:r1].astype(mx.float32)
-            _, _, w2, d2, wh = nat.quantize_rows(  # straight into this tensor's output rows
-                np.ascontiguousarray(to_numpy(rows_in)), signs8, block, levels32, bits=bits,
-                group_size=group_size, candidates=scale_candidates(scale_method),
-                packed_out=packed[r0:r1], scales_out=scales[r0:r1].view(np.uint16))
-            errors.w2, errors.d2, errors.wh = errors.w2 + w2, errors.d2 + d2, errors.wh + wh
+        if nat is not None:  # another source dtype (float16): the native path on float32 chunks
+            q = quantize_native_rows(to_numpy(flat[r0:r1].astype(mx.float32)), (r1 - r0,), signs, block, levels,
+                                     bits=bits, group_size=group_size, scale_method=scale_method,
+                                     packed_out=packed[r0:r1], scales_out=scales[r0:r1])
+            errors.w2, errors.d2, errors.wh = errors.w2 + q.sums.w2, errors.d2 + q.sums.d2, errors.wh + q.sums.wh
             continue
         chunk = to_numpy(rotate(flat[r0:r1].astype(mx.float32), s, block))
         idx, sc = quantize_weight(chunk, levels, group_size=group_size, scale_method=scale_method,
@@ -129,3 +130,48 @@ def quantize_tensor(
         packed[r0:r1], scales[r0:r1] = pack_indices(idx, bits), sc
         errors.add(chunk, dequantize_groups(idx, sc, levels, group_size=group_size), hessian)
     return QuantizedTensor(packed.reshape(*lead, -1), scales.reshape(*lead, -1), errors.stats())
+
+
+def native_rows(w: mx.array) -> np.ndarray | None:
+    """``w [..., out, in]`` as the 2-D rows the native quantizer reads in place, evaluated: bfloat16 as
+    its uint16 bits, float32 as is (zero-copy). None when the native path can't take it that way (no
+    native kernels, a width not a multiple of 32, another dtype)."""
+    if native_kernels() is None or w.shape[-1] % 32 or w.dtype not in (mx.bfloat16, mx.float32):
+        return None
+    flat = w.reshape(-1, w.shape[-1])
+    return np.ascontiguousarray(to_numpy(flat.view(mx.uint16) if w.dtype == mx.bfloat16 else flat))
+
+
+def quantize_native_rows(
+    src: np.ndarray,
+    lead: tuple[int, ...],
+    signs: np.ndarray,
+    block: int,
+    levels: np.ndarray,
+    *,
+    bits: int,
+    group_size: int,
+    scale_method: ScaleMethod,
+    chunk_elements: int | None = None,
+    packed_out: np.ndarray | None = None,
+    scales_out: np.ndarray | None = None,
+) -> QuantizedTensor:
+    """The native quantizer (rotation, scale search, packing in C++) over rows already in host memory
+    (:func:`native_rows`), reshaped to ``lead``. numpy only and the GIL released: it may run on another
+    thread while the caller reads the next tensor with mlx."""
+    nat = native_kernels()
+    rows, n = src.shape
+    packed = np.empty((rows, packed_words(n, bits)), dtype=np.uint32) if packed_out is None else packed_out
+    scales = np.empty((rows, n // group_size), dtype=np.float16) if scales_out is None else scales_out
+    signs8 = np.ascontiguousarray(signs, dtype=np.int8)
+    levels32 = np.ascontiguousarray(levels, dtype=np.float32)
+    step = max(1, (chunk_elements or NATIVE_CHUNK_ELEMENTS) // n)
+    errors = ErrorSums()
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        _, _, w2, d2, wh = nat.quantize_rows(  # straight into this tensor's output rows
+            src[r0:r1], signs8, block, levels32, bits=bits, group_size=group_size,
+            candidates=scale_candidates(scale_method), packed_out=packed[r0:r1],
+            scales_out=scales[r0:r1].view(np.uint16))
+        errors.w2, errors.d2, errors.wh = errors.w2 + w2, errors.d2 + d2, errors.wh + wh
+    return QuantizedTensor(packed.reshape(*lead, -1), scales.reshape(*lead, -1), errors.stats(), errors)

@@ -22,6 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ from tqpipe import FORMAT_VERSION, __version__
 from tqpipe.model_io import TOKENIZER_FILES, build_model, kept_dtype, load_weights, read_config
 from tqpipe.native import native_kernels
 from tqpipe.parallel import auto_workers, ordered_map
-from tqpipe.quant.quantize import GPTQ_CHUNK_ELEMENTS, quantize_tensor
+from tqpipe.quant.quantize import GPTQ_CHUNK_ELEMENTS, native_rows, quantize_native_rows, quantize_tensor
 from tqpipe.recipe import Recipe
 from tqpipe.runtime.loader import MODEL_FILE, MODEL_FILE_SOURCE
 from tqpipe.shards import ShardWriter
@@ -81,19 +84,57 @@ def _hessian(key: str) -> np.ndarray | None:
         return f.get_tensor(key) if key in f.keys() else None
 
 
-def _pack_one(t: dict[str, Any]) -> tuple[str, Any, float, float]:
-    """Pack one planned tensor; also returns the seconds spent reading it and quantizing it."""
+def _read(t: dict[str, Any]) -> tuple[mx.array, float]:
+    """The planned tensor's source weight, evaluated, and the seconds reading it took."""
     # pop: once evaluated, an array kept in the dict would hold its data for the worker's lifetime
     w = _worker["weights"].pop(f"{t['path']}.weight")
     started = time.perf_counter()
     mx.eval(w)
-    read = time.perf_counter()
+    return w, time.perf_counter() - started
+
+
+def _pack_one(t: dict[str, Any]) -> tuple[str, Any, float, float]:
+    """Pack one planned tensor; also returns the seconds spent reading it and quantizing it."""
+    w, read_s = _read(t)
+    started = time.perf_counter()
     q = quantize_tensor(
         w, _worker["signs"][t["signs_key"]], t["block"], _worker["levels"][t["codebook"]],
         bits=t["bits"], group_size=t["group_size"], scale_method=_worker["scale_method"],
         hessian=_hessian(t["signs_key"]), damp=_worker["damp"],
     )
-    return t["path"], q, read - started, time.perf_counter() - read
+    return t["path"], q, read_s, time.perf_counter() - started
+
+
+def _quantize_rows(t: dict[str, Any], src: np.ndarray, lead: tuple[int, ...], read_s: float):
+    started = time.perf_counter()
+    q = quantize_native_rows(src, lead, _worker["signs"][t["signs_key"]], t["block"], _worker["levels"][t["codebook"]],
+                             bits=t["bits"], group_size=t["group_size"], scale_method=_worker["scale_method"])
+    return t["path"], q, read_s, time.perf_counter() - started
+
+
+def _pack_reading_ahead(plan: list[dict[str, Any]]) -> Iterator[tuple[str, Any, float, float]]:
+    """``_pack_one`` over the plan in this process, in order, reading each tensor (mlx, on this thread)
+    while the one before quantizes on a helper thread (numpy and the native quantizer, which releases
+    the GIL). The cores otherwise sit idle while a tensor is read. Two source tensors are held at most."""
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="quantize") as helper:
+        for t in plan:
+            w, read_s = _read(t)
+            src = native_rows(w)
+            if src is None:  # not readable in place by the native quantizer: quantize here, in order
+                while pending:
+                    yield pending.popleft().result()
+                started = time.perf_counter()
+                q = quantize_tensor(w, _worker["signs"][t["signs_key"]], t["block"], _worker["levels"][t["codebook"]],
+                                    bits=t["bits"], group_size=t["group_size"], scale_method=_worker["scale_method"])
+                yield t["path"], q, read_s, time.perf_counter() - started
+                continue
+            pending.append(helper.submit(_quantize_rows, t, src, tuple(w.shape[:-1]), read_s))
+            del w, src  # the helper's task holds the source now; freed when it is done
+            while len(pending) > 1:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # --- main side
@@ -142,10 +183,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     modules, report = {}, []
     by_path = {t["path"]: t for t in plan}
     levels = {name: b["levels"] for name, b in books.items()}
-    results = ordered_map(
-        _pack_one, plan, workers=workers, initializer=_init_worker,
-        initargs=(str(fetched), str(rotated), levels, recipe.codebook.scale_method, recipe.calibration.damp),
-    )
+    initargs = (str(fetched), str(rotated), levels, recipe.codebook.scale_method, recipe.calibration.damp)
+    if workers == 1 and native_threaded(rotated):
+        _init_worker(*initargs)
+        results = _pack_reading_ahead(plan)
+    else:
+        results = ordered_map(_pack_one, plan, workers=workers, initializer=_init_worker, initargs=initargs)
     with tqdm(total=sum(int(np.prod(t["shape"])) for t in plan), desc="pack", unit="w", unit_scale=True) as bar:
         for path, q, read_s, quantize_s in results:
             seconds["read"] += read_s
