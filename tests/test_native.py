@@ -97,7 +97,7 @@ def test_version_mismatch_falls_back_to_reference_and_says_so(monkeypatch, caplo
 @pytest.mark.parametrize("bits, method, width, group_size, shift", [
     (2, "mse", 4096, 32, 0), (3, "mse", 2688, 32, 0), (4, "rms", 576, 32, 0), (3, "rms", 1536, 32, 0),
     (1, "mse", 1024, 32, 0), (4, "mse", 2048, 64, 0), (3, "mse", 320, 64, 0),  # 320/64 = 5 groups: a partial 8
-    (3, "mse", 1024, 32, 0.05), (4, "mse", 1024, 32, 0.05),  # asymmetric levels: the unmirrored level search
+    (2, "mse", 1024, 32, 0.05), (3, "mse", 1024, 32, 0.05), (4, "mse", 1024, 32, 0.05),  # asymmetric: unmirrored search
 ])
 def test_native_quantizer_matches_the_numpy_path(bits, method, width, group_size, shift, monkeypatch):
     """Same rotation (blocks m·2^k included), scales and bit stream as tqpipe.quant, up to float rounding."""

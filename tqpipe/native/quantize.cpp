@@ -493,7 +493,7 @@ ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const flo
     steps[t] = levels[t + 1] - levels[t];
   }
   const int words = n * spec.bits / 32, groups = n / gs, candidates = std::max(1, spec.candidates);
-  bool symmetric = L >= 8;  // the mirrored nearest-level search (fewer compares) needs mids[t] = -mids[L-2-t]
+  bool symmetric = L >= 4;  // the mirrored nearest-level search (fewer compares) needs mids[t] = -mids[L-2-t]
   for (int t = 0; t + 1 < L; ++t) symmetric = symmetric && mids[t] == -mids[L - 2 - t];
   std::vector<float> scaled_signs(n);  // the orthonormal Hadamard's 1/sqrt(block), applied as the row is loaded
   for (int i = 0; i < n; ++i) scaled_signs[i] = float(signs[i]) * H.scale;
@@ -519,7 +519,8 @@ ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const flo
         const float* m = mids.data();
         switch (spec.bits * 2 + symmetric) {
           case 2: case 3: quantize_row_avx2<1, false>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
-          case 4: case 5: quantize_row_avx2<2, false>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
+          case 4: quantize_row_avx2<2, false>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
+          case 5: quantize_row_avx2<2, true>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
           case 6: quantize_row_avx2<3, false>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
           case 7: quantize_row_avx2<3, true>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
           case 8: quantize_row_avx2<4, false>(x, n, gs, m, levels, candidates, out, sc, e, sw, ng); break;
