@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -41,6 +43,15 @@ def default_jobs(gb_per_job: float = 4.0) -> int:
 OmegaConf.register_new_resolver("tqpipe_jobs", default_jobs, replace=True)
 
 
+@functools.cache
+def _freeze_imports() -> None:
+    """Once per process, after the engine's imports (mlx_lm, transformers: ~10^5 objects that are
+    never garbage): move them out of the collector's sight, which spares each later full collection,
+    and the one at exit, from walking them (~0.1 s a run). Not again in a sweep's later jobs, whose
+    garbage would be frozen with them."""
+    gc.freeze()
+
+
 def run(
     recipe: Recipe, *, outputs: Path, stages: list[str], force: list[str], cache: Path | None = None,
     workers: int = 0,
@@ -48,6 +59,7 @@ def run(
     """Build the stages and return the summary the CLI prints."""
     from tqpipe.engine import build
 
+    _freeze_imports()
     results = build(recipe, outputs=outputs, stages=stages, force=force, cache=cache, workers=workers)
     summary: dict[str, Any] = {"recipe": recipe.name, "folder": str(outputs / recipe.name)}
     for r in results:
