@@ -55,6 +55,26 @@ nb::tuple quantize_rows(nb::ndarray<const T, nb::ndim<2>, nb::c_contig, nb::devi
   return nb::make_tuple(packed, scales, err.w2, err.d2, err.wh);
 }
 
+using Floats2 = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+// one block of GPTQ's column sweep, in place: wt [bw, rows] (updated), idx_out [bw, rows] uint8,
+// scales_out [rows, bw/group] float16 bits, err_out [bw, rows]
+void gptq_block(Floats2 wt, nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> u, LevelVec levels,
+                int bits, int group_size, int candidates, nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> idx_out,
+                HalvesOut scales_out, Floats2 err_out) {
+  const size_t bw = wt.shape(0), rows = wt.shape(1);
+  if (bits < 1 || bits > 8 || group_size < 1 || bw % size_t(group_size) || levels.shape(0) != (size_t(1) << bits))
+    throw std::invalid_argument("[gptq_block] bits, group size or levels do not fit the block");
+  if (u.shape(0) != bw || u.shape(1) != bw || idx_out.shape(0) != bw || idx_out.shape(1) != rows ||
+      scales_out.shape(0) != rows || scales_out.shape(1) != bw / group_size || err_out.shape(0) != bw ||
+      err_out.shape(1) != rows)
+    throw std::invalid_argument("[gptq_block] u must be [bw, bw]; idx_out and err_out [bw, rows]; scales_out "
+                                "[rows, bw/group_size]");
+  nb::gil_scoped_release unlocked;
+  tqpipe::gptq_block(wt.data(), int64_t(rows), int(bw), u.data(), levels.data(), bits, group_size, candidates,
+                     idx_out.data(), scales_out.data(), err_out.data());
+}
+
 NB_MODULE(_native, m) {
   m.doc() = "tqpipe's native CPU kernels for codebook-quantized matrices";
   // the mlx this was compiled against; the loader refuses to use it with any other
@@ -66,6 +86,8 @@ NB_MODULE(_native, m) {
   m.def("codebook_gather_matmul", &tqpipe::codebook_gather_matmul, "x"_a, "packed"_a, "scales"_a, "levels"_a,
         "experts"_a, nb::kw_only(), "bits"_a, "group_size"_a, "stream"_a = nb::none(),
         "row p of x [P, n] times expert experts[p] of packed [E, out, words] -> [P, out] float32");
+  m.def("gptq_block", &gptq_block, "wt"_a, "u"_a, "levels"_a, nb::kw_only(), "bits"_a, "group_size"_a, "candidates"_a,
+        "idx_out"_a, "scales_out"_a, "err_out"_a);
   m.def("quantize_rows", &quantize_rows<float>, "w"_a, "signs"_a, "block"_a, "levels"_a, nb::kw_only(), "bits"_a,
         "group_size"_a, "candidates"_a, "packed_out"_a = nb::none(), "scales_out"_a = nb::none());
   m.def("quantize_rows", &quantize_rows<uint16_t>, "w"_a, "signs"_a, "block"_a, "levels"_a, nb::kw_only(), "bits"_a,

@@ -546,6 +546,14 @@ ErrorSums quantize_rows(const T* w, int64_t rows, const int8_t* signs, const flo
   return err;
 }
 
+float fit_group_scale(const float* g, int gs, int bits, const float* levels, const float* mids, const float* steps,
+                      int candidates, uint8_t* idx, uint8_t* scratch) {
+  float16_t scale;
+  float err[3] = {0.f, 0.f, 0.f};
+  quantize_group(bits, g, gs, levels, mids, steps, std::max(1, candidates), idx, scratch, &scale, err);
+  return static_cast<float>(scale);
+}
+
 template ErrorSums quantize_rows<float>(const float*, int64_t, const int8_t*, const float*, const QuantizeSpec&,
                                         uint32_t*, uint16_t*);
 template ErrorSums quantize_rows<uint16_t>(const uint16_t*, int64_t, const int8_t*, const float*,

@@ -13,7 +13,16 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from tqpipe.quant.scales import ScaleMethod, nearest_level, quantize_groups
+from tqpipe.native import native_kernels
+from tqpipe.quant.scales import ScaleMethod, nearest_level, quantize_groups, scale_candidates
+
+
+def bits_of(levels: np.ndarray) -> int:
+    """b for a codebook of 2^b levels."""
+    bits = int(len(levels)).bit_length() - 1
+    if len(levels) != 1 << bits:
+        raise ValueError(f"a codebook has 2^bits levels, got {len(levels)}")
+    return bits
 
 
 def inverse_hessian_factor(h: np.ndarray, *, damp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -66,9 +75,18 @@ def gptq_quantize(
     idx_t = np.zeros((n, rows), dtype=np.uint8)
     scales = np.zeros((rows, n // group_size), dtype=np.float16)
     block = max(group_size, block - block % group_size)
+    nat = native_kernels()
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
         err = np.zeros((b1 - b0, rows), dtype=np.float32)
+        if nat is not None:  # the same sweep in C++, rows over the cores
+            sc = np.empty((rows, (b1 - b0) // group_size), dtype=np.float16)
+            nat.gptq_block(wt[b0:b1], np.ascontiguousarray(u[b0:b1, b0:b1]), lv, bits=bits_of(lv),
+                           group_size=group_size, candidates=scale_candidates(method), idx_out=idx_t[b0:b1],
+                           scales_out=sc.view(np.uint16), err_out=err)
+            scales[:, b0 // group_size:b1 // group_size] = sc
+            wt[b1:] -= u[b0:b1, b1:].T @ err
+            continue
         for i in range(b0, b1):
             if i % group_size == 0:
                 _, s16 = quantize_groups(wt[i:i + group_size].T, levels, group_size=group_size, method=method)
