@@ -93,9 +93,7 @@ def _read(t: dict[str, Any]) -> tuple[mx.array, float]:
     return w, time.perf_counter() - started
 
 
-def _pack_one(t: dict[str, Any]) -> tuple[str, Any, float, float]:
-    """Pack one planned tensor; also returns the seconds spent reading it and quantizing it."""
-    w, read_s = _read(t)
+def _quantize(t: dict[str, Any], w: mx.array, read_s: float) -> tuple[str, Any, float, float]:
     started = time.perf_counter()
     q = quantize_tensor(
         w, _worker["signs"][t["signs_key"]], t["block"], _worker["levels"][t["codebook"]],
@@ -103,6 +101,11 @@ def _pack_one(t: dict[str, Any]) -> tuple[str, Any, float, float]:
         hessian=_hessian(t["signs_key"]), damp=_worker["damp"],
     )
     return t["path"], q, read_s, time.perf_counter() - started
+
+
+def _pack_one(t: dict[str, Any]) -> tuple[str, Any, float, float]:
+    """Pack one planned tensor; also returns the seconds spent reading it and quantizing it."""
+    return _quantize(t, *_read(t))
 
 
 def _quantize_rows(t: dict[str, Any], src: np.ndarray, lead: tuple[int, ...], read_s: float):
@@ -124,10 +127,7 @@ def _pack_reading_ahead(plan: list[dict[str, Any]]) -> Iterator[tuple[str, Any, 
             if src is None:  # not readable in place by the native quantizer: quantize here, in order
                 while pending:
                     yield pending.popleft().result()
-                started = time.perf_counter()
-                q = quantize_tensor(w, _worker["signs"][t["signs_key"]], t["block"], _worker["levels"][t["codebook"]],
-                                    bits=t["bits"], group_size=t["group_size"], scale_method=_worker["scale_method"])
-                yield t["path"], q, read_s, time.perf_counter() - started
+                yield _quantize(t, w, read_s)
                 continue
             pending.append(helper.submit(_quantize_rows, t, src, tuple(w.shape[:-1]), read_s))
             del w, src  # the helper's task holds the source now; freed when it is done
