@@ -25,7 +25,7 @@ def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_damped_inverse():
     x = correlated_inputs(96)
     h = x.T @ x / len(x)
     h[5, :] = h[:, 5] = 0  # a dead input
-    u, dead = inverse_hessian_factor(h, damp=0.01)
+    u, dead, _ = inverse_hessian_factor(h, damp=0.01)
     assert u.dtype == np.float32 and dead.tolist() == [i == 5 for i in range(96)]
     ref = h.copy()
     ref[5, 5] = 1.0
@@ -37,7 +37,7 @@ def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_damped_inverse():
 
 def gptq_reference(w, h, levels, g, damp=0.01):
     """Textbook GPTQ: one column at a time, full update of all later columns, no blocking."""
-    u, dead = inverse_hessian_factor(h, damp=damp)
+    u, dead, _ = inverse_hessian_factor(h, damp=damp)
     w = w.astype(np.float64).copy()
     w[:, dead] = 0
     idx = np.zeros(w.shape, dtype=np.uint8)
@@ -57,14 +57,14 @@ def test_blocked_gptq_matches_the_textbook_loop():
     h = x.T @ x / len(x)
     w = np.random.default_rng(1).standard_normal((16, n)).astype(np.float32)
     lv = lloyd_max_gaussian(3)
-    idx, _ = gptq_quantize(w, h, lv, group_size=g, block=64)
+    idx = gptq_quantize(w, h, lv, group_size=g, block=64).idx
     assert (idx == gptq_reference(w, h, lv, g)).mean() > 0.995  # float rounding may flip a tie
 
 
 def test_gptq_with_identity_hessian_is_plain_rounding():
     w = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
     lv = lloyd_max_gaussian(2)
-    idx, s = gptq_quantize(w, np.eye(64), lv, group_size=32)
+    idx, s, _ = gptq_quantize(w, np.eye(64), lv, group_size=32)
     ref_idx, ref_s = quantize_groups(w, lv, group_size=32)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(s, ref_s)
@@ -77,7 +77,7 @@ def test_gptq_lowers_output_error_on_correlated_inputs():
     w = np.random.default_rng(4).standard_normal((64, n)).astype(np.float32)
     lv = lloyd_max_gaussian(3)
     rtn = dequantize_groups(*quantize_groups(w, lv, group_size=32), lv, group_size=32)
-    fb = dequantize_groups(*gptq_quantize(w, h, lv, group_size=32), lv, group_size=32)
+    fb = dequantize_groups(*gptq_quantize(w, h, lv, group_size=32)[:2], lv, group_size=32)
     assert output_error(w, fb, h) < 0.8 * output_error(w, rtn, h)
     # output_error is ‖ΔW X‖² / ‖W X‖² computed through H = XᵀX
     direct = np.sum(((fb - w) @ x.T) ** 2) / np.sum((w @ x.T) ** 2)
@@ -115,5 +115,26 @@ def test_native_gptq_sweep_matches_the_numpy_loop(bits, shift, monkeypatch):
     slow = gptq.gptq_quantize(w, h, lv, group_size=32, block=64)
     assert (fast[0] == slow[0]).mean() > 0.995
     np.testing.assert_allclose(fast[1].astype(np.float32), slow[1].astype(np.float32), rtol=2e-3)
-    err = [output_error(w, dequantize_groups(i, s, lv, group_size=32), h) for i, s in (fast, slow)]
+    err = [output_error(w, dequantize_groups(r.idx, r.scales, lv, group_size=32), h) for r in (fast, slow)]
     assert err[0] == pytest.approx(err[1], rel=1e-2)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_gptq_output_error_from_the_sweep_equals_the_direct_product(native, monkeypatch):
+    """tr(ΔW H ΔWᵀ) = ‖E‖² - λ‖ΔW₀‖² - ‖ΔW₀[:, dead]‖² from the sweep's scaled errors, dead input included."""
+    import tqpipe.quant.gptq as gptq
+
+    if not native:
+        monkeypatch.setattr(gptq, "native_kernels", lambda: None)
+    n = 192
+    x = correlated_inputs(n, seed=7)
+    h = x.T @ x / len(x)
+    h[7, :] = h[:, 7] = 0  # a dead input, whose weights are nonzero
+    w = np.random.default_rng(8).standard_normal((24, n)).astype(np.float32)
+    lv = lloyd_max_gaussian(3)
+    factor = gptq.inverse_hessian_factor(h, damp=0.01)
+    result = gptq.gptq_quantize(w, h, lv, group_size=32, factor=factor)
+    w_hat = dequantize_groups(result.idx, result.scales, lv, group_size=32)
+    d = (w_hat - w).astype(np.float64)
+    direct = float(np.sum((d @ h) * d))
+    assert gptq.gptq_output_error(w, w_hat, result, factor) == pytest.approx(direct, rel=1e-4)

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from tqpipe.native import native_kernels
-from tqpipe.quant.gptq import gptq_quantize, inverse_hessian_factor
+from tqpipe.quant.gptq import InverseHessianFactor, gptq_output_error, gptq_quantize, inverse_hessian_factor
 from tqpipe.quant.packing import pack_indices, packed_words
 from tqpipe.quant.rotation import rotate
 from tqpipe.quant.scales import ScaleMethod, dequantize_groups, quantize_groups, scale_candidates
@@ -32,13 +32,14 @@ def quantize_weight(
     scale_method: ScaleMethod,
     hessian: np.ndarray | None = None,
     damp: float = 0.01,
-    factor: tuple[np.ndarray, np.ndarray] | None = None,
+    factor: InverseHessianFactor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(indices uint8, fp16 scales) for a rotated ``w``; GPTQ when a rotated input ``hessian`` is given."""
     if hessian is None:
         return quantize_groups(w, levels, group_size=group_size, method=scale_method)
-    return gptq_quantize(w, hessian, levels, group_size=group_size, method=scale_method, damp=damp,
-                         factor=factor)
+    idx, scales, _ = gptq_quantize(w, hessian, levels, group_size=group_size, method=scale_method, damp=damp,
+                                   factor=factor)
+    return idx, scales
 
 
 @dataclass
@@ -51,14 +52,15 @@ class ErrorSums:
     out_num: float = 0.0  # tr(ΔW H ΔWᵀ)
     out_den: float = 0.0  # tr(W H Wᵀ)
 
-    def add(self, w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None) -> None:
+    def add(self, w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None, out_num: float | None = None) -> None:
+        """``out_num``: tr(ΔW H ΔWᵀ) when the caller has it already (GPTQ's sweep gives it for free)."""
         d = w_hat - w
         flat_w, flat_d = w.ravel(), d.ravel()
         self.w2 += float(np.dot(flat_w, flat_w))
         self.d2 += float(np.dot(flat_d, flat_d))
         self.wh += float(np.dot(w_hat.ravel(), flat_w))
         if h is not None:
-            self.out_num += float(np.sum((d @ h) * d))
+            self.out_num += float(np.sum((d @ h) * d)) if out_num is None else out_num
             self.out_den += float(np.sum((w @ h) * w))
 
     def stats(self) -> dict[str, float]:
@@ -125,10 +127,17 @@ def quantize_tensor(
             errors.w2, errors.d2, errors.wh = errors.w2 + q.sums.w2, errors.d2 + q.sums.d2, errors.wh + q.sums.wh
             continue
         chunk = to_numpy(rotate(flat[r0:r1].astype(mx.float32), s, block))
-        idx, sc = quantize_weight(chunk, levels, group_size=group_size, scale_method=scale_method,
-                                  hessian=hessian, damp=damp, factor=factor)
+        if factor is None:
+            idx, sc = quantize_groups(chunk, levels, group_size=group_size, method=scale_method)
+            out_num = None
+        else:
+            result = gptq_quantize(chunk, hessian, levels, group_size=group_size, method=scale_method, factor=factor)
+            idx, sc = result.idx, result.scales
         packed[r0:r1], scales[r0:r1] = pack_indices(idx, bits), sc
-        errors.add(chunk, dequantize_groups(idx, sc, levels, group_size=group_size), hessian)
+        w_hat = dequantize_groups(idx, sc, levels, group_size=group_size)
+        if factor is not None:  # the output error's numerator from the sweep itself: no n×n product
+            out_num = gptq_output_error(chunk, w_hat, result, factor)
+        errors.add(chunk, w_hat, hessian, out_num)
     return QuantizedTensor(packed.reshape(*lead, -1), scales.reshape(*lead, -1), errors.stats())
 
 
