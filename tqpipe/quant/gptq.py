@@ -48,15 +48,16 @@ def inverse_hessian_factor(h: np.ndarray, *, damp: float) -> InverseHessianFacto
     float64 inverse and Cholesky (n = 4096: 0.6 s against 5.6 s) and agrees to ~1e-7; if float32
     is not enough (non-finite factor), it falls back to float64.
     """
-    h = np.array(h, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    damping = damp * float(np.mean(np.diag(h)))
+    h = np.array(h[::-1, ::-1], dtype=np.float32)  # reversed: few passes over n² (n = 8192: 268 MB each)
+    diag = np.diagonal(h)[::-1]  # H's own order
+    dead = diag <= 0
+    h[dead[::-1], dead[::-1]] = 1.0
+    damping = damp * float(np.mean(np.diagonal(h), dtype=np.float64))
     h[np.diag_indices_from(h)] += damping
-    lower = mx.linalg.cholesky(mx.array(h[::-1, ::-1].astype(np.float32)), stream=mx.cpu)
+    lower = mx.linalg.cholesky(mx.array(h), stream=mx.cpu)
     u = np.array(mx.linalg.tri_inv(lower[::-1, ::-1], upper=True, stream=mx.cpu))
     if not np.isfinite(u).all():
-        hinv = np.linalg.inv(h)
+        hinv = np.linalg.inv(h[::-1, ::-1].astype(np.float64))
         u = np.linalg.cholesky((hinv + hinv.T) / 2).T.astype(np.float32)
     return InverseHessianFactor(u, dead, damping)
 
