@@ -1,8 +1,9 @@
 """pack: rotate, quantize and bit-pack each planned weight -> a loadable MLX model folder.
 
 Streams tensor by tensor. Data-free with the native extension, this process
-does it all and the C++ quantizer spreads each tensor's rows over the cores;
-otherwise worker processes (one per core, fewer when memory is short) read a
+does it all: it reads the next tensor while a helper thread runs the C++
+quantizer, which spreads the last one's rows over the cores; otherwise worker
+processes (one per core, fewer when memory is short) read a
 weight lazily from the fetched safetensors, rotate it with the signs from
 ``rotate``, quantize it in row chunks (GPTQ error feedback when ``rotate``
 wrote Hessians) and return the packed result. A background thread writes it
