@@ -45,10 +45,16 @@ def _as_numpy(array: mx.array | np.ndarray) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(np.asarray(memoryview(bits))), name  # a strided view (a transpose) is copied
 
 
-def _write(path: Path, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict[str, str]) -> str:
+def save_arrays(path: Path, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file straight from the arrays' buffers (``safetensors.numpy.save_file`` first
+    copies each array into a bytes object: twice the memory for large tensors)."""
     specs = {k: TensorSpec(dtype=dtype, shape=list(a.shape), data_ptr=a.ctypes.data, data_len=a.nbytes)
              for k, (a, dtype) in tensors.items()}
     serialize_file(specs, str(path), metadata=metadata)  # `tensors` keeps the buffers alive until here
+
+
+def _write(path: Path, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict[str, str]) -> str:
+    save_arrays(path, tensors, metadata)
     return sha256_file(path)
 
 

@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from tqpipe.plan import PlannedTensor, format_plan, plan_report
 from tqpipe.quant.rotation import random_signs
+from tqpipe.quant.quantize import to_numpy
 from tqpipe.recipe import Recipe
+from tqpipe.shards import save_arrays
 from tqpipe.sources.shapes import from_folder
 from tqpipe.stages.context import StageContext
 
@@ -41,12 +43,11 @@ def settings(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def input_moments(recipe: Recipe, fetched: Path, cache: Path) -> dict[str, np.ndarray]:
-    """Unrotated input second moments ``E[x xᵀ]`` of every dense linear layer's shared input, from the
-    unquantized model on the calibration text; cached by (model files, calibration text, tokens, context),
-    so the variants of a sweep run the model once."""
+def input_moments(recipe: Recipe, fetched: Path, cache: Path) -> Path:
+    """The file of unrotated input second moments ``E[x xᵀ]`` of every dense linear layer's shared input,
+    from the unquantized model on the calibration text; cached by (model files, calibration text, tokens,
+    context), so the variants of a sweep run the model once."""
     from mlx_lm import load as load_unquantized
-    from safetensors.numpy import load_file
 
     from tqpipe.cache import cached_entry
     from tqpipe.calibration import InputMoments
@@ -66,23 +67,32 @@ def input_moments(recipe: Recipe, fetched: Path, cache: Path) -> dict[str, np.nd
         keys = {p: signs_key(p) for p, m in linear_modules(model).items() if m.weight.ndim == 2}
         with InputMoments(model, keys) as moments:
             moments.run(tqdm(windows, desc="calibrate", unit="window"))
-        log.info("calibration: input moments of %d shared inputs over %d tokens", len(moments.store), moments.tokens)
-        save_file({k: np.array(h / moments.tokens) for k, h in moments.store.items()}, str(tmp))
+        store, tokens = moments.store, moments.tokens
+        log.info("calibration: input moments of %d shared inputs over %d tokens", len(store), tokens)
+        del model, moments  # the moments of a large model are GBs (n² floats per input): one copy at a time
+        normalized = {}
+        for k in sorted(store):  # each sum is freed as its mean is made
+            normalized[k] = (to_numpy(store.pop(k) / tokens), "float32")
+        save_arrays(tmp, normalized)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if cached_entry(path, make):
         log.info("calibration: reused input moments %s", path)
-    return load_file(str(path))
+    return path
 
 
 def calibrate(recipe: Recipe, fetched: Path, cache: Path, plan: list[PlannedTensor],
               signs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rotated input second moments per shared input of the planned (dense) tensors."""
+    """Rotated input second moments per shared input of the planned (dense) tensors, reading the
+    cached unrotated ones one at a time (a large model's are GBs)."""
+    from safetensors import safe_open
+
     from tqpipe.calibration import rotated_moment
 
-    raw = input_moments(recipe, fetched, cache)
     blocks = {t.signs_key: t.block for t in plan if len(t.shape) == 2}  # expert stacks: no moments yet
-    return {k: np.array(rotated_moment(mx.array(raw[k]), mx.array(signs[k]), b)) for k, b in blocks.items()}
+    with safe_open(str(input_moments(recipe, fetched, cache)), framework="numpy") as raw:
+        return {k: to_numpy(rotated_moment(mx.array(raw.get_tensor(k)), mx.array(signs[k]), b))
+                for k, b in sorted(blocks.items())}
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -94,7 +104,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     signs = {t.signs_key: random_signs(t.shape[-1], seed=ctx.recipe.rotation.seed, key=t.signs_key) for t in plan}
     save_file(signs, str(ctx.out / "signs.safetensors"))
     if ctx.recipe.calibration.mode == "gptq":
-        save_file(calibrate(ctx.recipe, fetched, ctx.cache, plan, signs), str(ctx.out / "hessians.safetensors"))
+        hessians = calibrate(ctx.recipe, fetched, ctx.cache, plan, signs)
+        save_arrays(ctx.out / "hessians.safetensors", {k: (h, "float32") for k, h in hessians.items()})
     keep = ("tensors", "params", "bytes", "bits_per_weight", "total_bytes", "total_gb")
     return {k: report["summary"][k] for k in keep} | {"sign_vectors": len(signs),
                                                        "calibration": ctx.recipe.calibration.mode}
