@@ -328,13 +328,12 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_avx2(float* row, int 
   const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
   const __m256 lut_pos = _mm256_loadu_ps(lut + (NM + 1) / 2), sign_bit = _mm256_set1_ps(-0.f);  // levels ≥ 0
   const __m256i first_pos = _mm256_set1_epi32((NM + 1) / 2);  // index of the smallest positive level
-  float* g_rw = row;  // the symmetric path overwrites it with |x|
   const __m256i lane_shift = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f), omega = _mm256_set1_ps(kRelaxation);
   const int groups = n / gs, words = gs * B / 32;
   for (int gb = 0; gb < groups; gb += 8) {
     const int cnt = std::min(8, groups - gb);
-    float* g0 = g_rw + size_t(gb) * gs;
+    float* g0 = row + size_t(gb) * gs;  // the symmetric path overwrites it with |x|
     __m256 part[8];
     for (int j = 0; j < 8; ++j) {
       __m256 acc = _mm256_setzero_ps();  // (a zeroed array would be cleared with a slow `rep stos`)

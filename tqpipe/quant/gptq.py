@@ -103,25 +103,30 @@ def gptq_quantize(
                            group_size=group_size, candidates=scale_candidates(method), idx_out=idx_t[b0:b1],
                            scales_out=sc.view(np.uint16), err_out=err)
             scales[:, b0 // group_size:b1 // group_size] = sc
-            wt[b1:] -= u[b0:b1, b1:].T @ err
-            scaled_error2 += float(np.dot(err.ravel(), err.ravel()))
-            continue
-        for i in range(b0, b1):
-            if i % group_size == 0:
-                _, s16 = quantize_groups(wt[i:i + group_size].T, levels, group_size=group_size, method=method)
-                scales[:, i // group_size] = s16[:, 0]
-                s = s16[:, 0].astype(np.float32)
-                s_safe = np.where(s > 0, s, 1.0).astype(np.float32)
-            col = wt[i]
-            q_idx = nearest_level(col / s_safe, lv)
-            idx_t[i] = q_idx
-            e = (col - s * lv[q_idx]) / u[i, i]
-            # spread this column's error over the rest of the block now, the remainder lazily
-            wt[i + 1:b1] -= np.outer(u[i, i + 1:b1], e)
-            err[i - b0] = e
+        else:
+            _sweep_block(wt, u, levels, lv, b0, b1, group_size, method, idx_t, scales, err)
         wt[b1:] -= u[b0:b1, b1:].T @ err
         scaled_error2 += float(np.dot(err.ravel(), err.ravel()))
     return GPTQResult(idx_t.T.copy(), scales, scaled_error2)
+
+
+def _sweep_block(wt: np.ndarray, u: np.ndarray, levels: np.ndarray, lv: np.ndarray, b0: int, b1: int,
+                 group_size: int, method: ScaleMethod, idx_t: np.ndarray, scales: np.ndarray,
+                 err: np.ndarray) -> None:
+    """The numpy sweep over columns b0..b1 of ``wt`` (Wᵀ), in place: what ``gptq_block`` does in C++."""
+    for i in range(b0, b1):
+        if i % group_size == 0:
+            _, s16 = quantize_groups(wt[i:i + group_size].T, levels, group_size=group_size, method=method)
+            scales[:, i // group_size] = s16[:, 0]
+            s = s16[:, 0].astype(np.float32)
+            s_safe = np.where(s > 0, s, 1.0).astype(np.float32)
+        col = wt[i]
+        q_idx = nearest_level(col / s_safe, lv)
+        idx_t[i] = q_idx
+        e = (col - s * lv[q_idx]) / u[i, i]
+        # spread this column's error over the rest of the block now, the remainder lazily
+        wt[i + 1:b1] -= np.outer(u[i, i + 1:b1], e)
+        err[i - b0] = e
 
 
 def gptq_output_error(w: np.ndarray, w_hat: np.ndarray, result: GPTQResult, factor: InverseHessianFactor) -> float:

@@ -22,8 +22,8 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from tqpipe.plan import PlannedTensor, format_plan, plan_report
-from tqpipe.quant.rotation import random_signs
 from tqpipe.quant.quantize import to_numpy
+from tqpipe.quant.rotation import random_signs
 from tqpipe.recipe import Recipe
 from tqpipe.shards import save_arrays
 from tqpipe.sources.shapes import from_folder
